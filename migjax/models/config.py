@@ -1,0 +1,202 @@
+"""Model hyper-parameters: the one record that describes a decoder, read from and written to
+Hugging Face `config.json` layouts (transformers 4 and 5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+ARCHITECTURES = {
+    # model_type: (HF architecture class, q/k/v bias, q/k RMSNorm)
+    "qwen2": ("Qwen2ForCausalLM", True, False),
+    "qwen3": ("Qwen3ForCausalLM", False, True),
+    "llama": ("LlamaForCausalLM", False, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3, SmolLM2)."""
+
+    model_type: str = "qwen2"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF dict
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True
+    qk_norm: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    dtype: str = "float32"  # compute dtype of activations (scores and losses are float32)
+    remat: bool = False  # rematerialise each layer in the backward pass
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; migjax supports {sorted(ARCHITECTURES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, h, kv, hd, v = (self.hidden_size, self.intermediate_size, self.num_heads,
+                              self.num_kv_heads, self.head_dim, self.vocab_size)
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        if self.attention_bias:
+            attn += hd * (h + 2 * kv)
+        if self.qk_norm:
+            attn += 2 * hd
+        layer = attn + 3 * d * f + 2 * d
+        n = self.num_layers * layer + d
+        if include_embedding:
+            n += v * d * (1 if self.tie_word_embeddings else 2)
+        elif not self.tie_word_embeddings:
+            n += v * d  # the LM head costs matmul FLOPs even when the embedding does not
+        return n
+
+    # ---------------------------------------------------------------- Hugging Face I/O
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> ModelConfig:
+        """Builds a config from a parsed `config.json` (transformers 4 or 5 layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            archs = hf.get("architectures")
+            raise ValueError(
+                f"unsupported architecture: model_type={model_type!r} architectures={archs!r}; "
+                f"migjax supports model_type in {sorted(ARCHITECTURES)}"
+            )
+        _, bias, qk_norm = ARCHITECTURES[model_type]
+        # transformers 5 moves rope_theta / rope_scaling into `rope_parameters`.
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling") or (rope if rope else None)
+        if scaling:
+            scaling = dict(scaling)
+            scaling.pop("rope_theta", None)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+        heads = hf["num_attention_heads"]
+        kw = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
+            attention_bias=bool(hf.get("attention_bias", bias)),
+            qk_norm=qk_norm,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_as_ids(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_dir(cls, path: str, **overrides) -> ModelConfig:
+        f = os.path.join(path, "config.json")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing; a model directory needs a Hugging Face config.json")
+        try:
+            with open(f) as fh:
+                hf = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf(hf, **overrides)
+        except KeyError as e:
+            raise ValueError(f"{f}: missing field {e.args[0]!r}") from e
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from e
+
+    def to_hf(self) -> dict:
+        """The `config.json` transformers needs to load this model (transformers 4 layout,
+        which transformers 5 also reads)."""
+        arch, _, _ = ARCHITECTURES[self.model_type]
+        hf = dict(
+            architectures=[arch],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling_dict,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act="silu",
+            torch_dtype=self.param_dtype,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        if self.model_type == "llama":
+            hf.update(attention_bias=self.attention_bias, mlp_bias=False)
+        if self.model_type in ("qwen2", "qwen3"):
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
+        if self.model_type == "qwen3":
+            hf.update(attention_bias=self.attention_bias)
+        return hf
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, tuple) else (e,)
+
+
+def _as_ids(x):
+    if isinstance(x, list):
+        return tuple(x) if len(x) != 1 else x[0]
+    return x
+
+
+# Shapes of published models, with random weights, for benchmarks and shrunken tests.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=172,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+    "qwen2.5-0.5b": ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                                intermediate_size=4864, num_layers=24, num_heads=14,
+                                num_kv_heads=2, head_dim=64, rope_theta=1000000.0),
+    "qwen2.5-1.5b": ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                                intermediate_size=8960, num_layers=28, num_heads=12,
+                                num_kv_heads=2, head_dim=128, rope_theta=1000000.0),
+}

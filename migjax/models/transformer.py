@@ -1,0 +1,254 @@
+"""The decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3, SmolLM2) as a Flax NNX module
+whose layers are stacked along a leading axis and applied with `lax.scan`, plus its KV cache.
+
+Every parameter has logical axis names in `PARAM_AXES`; `migjax.models.sharding` maps them
+onto a `(data, fsdp, tensor)` mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from migjax.models.config import ModelConfig
+
+# Logical axes of every parameter, by name. Layer parameters carry a leading "layers" axis.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "bq": ("layers", "heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of sequences written left to right.
+
+    k, v: [L, N, S, KVH, Dh] (compute dtype); mask_NxS: which slots hold a real token;
+    index: the next slot to write (int32 scalar, the same for the whole batch).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask_NxS: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, size: int) -> KVCache:
+        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+        z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return cls(z, z, jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
+
+    def repeat(self, g: int) -> KVCache:
+        """Each sequence's cache repeated `g` times along the batch (a GRPO group)."""
+        return KVCache(jnp.repeat(self.k, g, axis=1), jnp.repeat(self.v, g, axis=1),
+                       jnp.repeat(self.mask_NxS, g, axis=0), self.index)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies, with Llama 3 long-context scaling when the config asks for it."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = cfg.rope_scaling_dict
+    if sc:
+        factor = sc["factor"]
+        lo, hi = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x_NxTxHxD: jax.Array, pos_NxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    ang = pos_NxT[..., None].astype(jnp.float32) * inv_freq  # [N, T, D/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    x = x_NxTxHxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_NxTxHxD.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q, k, v, mask_NxTxS):
+    """Grouped-query attention. q [N,T,H,D], k/v [N,S,KVH,D], mask [N,T,S] (True = may attend)."""
+    n, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(n, t, kvh, h // kvh, d)
+    s = jnp.einsum("ntkgd,nskd->nkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    s = jnp.where(mask_NxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("nkgts,nskd->ntkgd", p, v)
+    return o.reshape(n, t, h, d)
+
+
+def _init(rngs, shape, dtype, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
+
+
+class Transformer(nnx.Module):
+    """Embedding -> L scanned pre-norm blocks (GQA attention + SwiGLU MLP) -> norm -> logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        H, KV, Dh, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+        pd = jnp.dtype(cfg.param_dtype)
+        P = nnx.Param
+        self.embed = P(_init(rngs, (V, D), pd))
+        self.attn_norm = P(jnp.ones((L, D), pd))
+        self.wq = P(_init(rngs, (L, D, H, Dh), pd))
+        self.wk = P(_init(rngs, (L, D, KV, Dh), pd))
+        self.wv = P(_init(rngs, (L, D, KV, Dh), pd))
+        if cfg.attention_bias:
+            self.bq = P(jnp.zeros((L, H, Dh), pd))
+            self.bk = P(jnp.zeros((L, KV, Dh), pd))
+            self.bv = P(jnp.zeros((L, KV, Dh), pd))
+        if cfg.qk_norm:
+            self.q_norm = P(jnp.ones((L, Dh), pd))
+            self.k_norm = P(jnp.ones((L, Dh), pd))
+        self.wo = P(_init(rngs, (L, H, Dh, D), pd))
+        self.mlp_norm = P(jnp.ones((L, D), pd))
+        self.w_gate = P(_init(rngs, (L, D, F), pd))
+        self.w_up = P(_init(rngs, (L, D, F), pd))
+        self.w_down = P(_init(rngs, (L, F, D), pd))
+        self.final_norm = P(jnp.ones((D,), pd))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = P(_init(rngs, (D, V), pd))
+
+    # ------------------------------------------------------------------ pieces
+    def _layer_params(self) -> dict:
+        names = [n for n in PARAM_AXES if PARAM_AXES[n][0] == "layers" and hasattr(self, n)]
+        return {n: getattr(self, n)[...] for n in names}
+
+    def _block(self, x, p, pos_NxT, mask_NxTxS, cache_kv, index, inv_freq):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        c = lambda a: a.astype(dt)
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("ntd,dhk->nthk", h, c(p["wq"]))
+        k = jnp.einsum("ntd,dhk->nthk", h, c(p["wk"]))
+        v = jnp.einsum("ntd,dhk->nthk", h, c(p["wv"]))
+        if cfg.attention_bias:
+            q, k, v = q + c(p["bq"]), k + c(p["bk"]), v + c(p["bv"])
+        if cfg.qk_norm:
+            q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, pos_NxT, inv_freq), apply_rope(k, pos_NxT, inv_freq)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+            new_kv = (k, v)
+        else:
+            new_kv = None
+        o = attention(q, k, v, mask_NxTxS)
+        x = x + jnp.einsum("nthk,hkd->ntd", o, c(p["wo"]))
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        g = jnp.einsum("ntd,df->ntf", h, c(p["w_gate"]))
+        u = jnp.einsum("ntd,df->ntf", h, c(p["w_up"]))
+        x = x + jnp.einsum("ntf,fd->ntd", jax.nn.silu(g) * u, c(p["w_down"]))
+        return x, new_kv
+
+    # ------------------------------------------------------------------ API
+    def hidden(self, tokens_NxT, pos_NxT, mask_NxTxS, cache: KVCache | None = None):
+        """Final-norm hidden states [N, T, D] and the updated cache (None without a cache).
+
+        Without a cache, `mask_NxTxS` is the full query-key mask over the T tokens. With a cache,
+        the T tokens are written at slots `cache.index ..` and `mask_NxTxS` (T x S) must cover
+        every cache slot; see `cache_mask`.
+        """
+        cfg = self.cfg
+        x = self.embed[...].astype(jnp.dtype(cfg.dtype))[tokens_NxT]
+        inv_freq = rope_inv_freq(cfg)
+        layer_p = self._layer_params()
+        index = None if cache is None else cache.index
+
+        def body(x, xs):
+            p, kv = xs
+            return self._block(x, p, pos_NxT, mask_NxTxS, kv, index, inv_freq)
+
+        if cfg.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv = jax.lax.scan(body, x, (layer_p, kv_in))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if cache is None:
+            return x, None
+        t = tokens_NxT.shape[1]
+        return x, KVCache(kv[0], kv[1], cache.mask_NxS, cache.index + t)
+
+    def head(self) -> jax.Array:
+        """The [D, V] output projection (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def logits(self, h_NxTxD: jax.Array) -> jax.Array:
+        return jnp.einsum("ntd,dv->ntv", h_NxTxD, self.head().astype(h_NxTxD.dtype))
+
+    def __call__(self, tokens_NxT, attention_mask=None, *, positions=None, attn_mask=None):
+        """Logits [N, T, V] of a plain forward.
+
+        attention_mask [N, T]: 1 for real tokens (left or right padding); positions default to
+        the count of real tokens before each one. attn_mask [N, T, T]: a custom query-key mask
+        (e.g. packed answer probes) used instead of the causal one.
+        """
+        pos, mask = causal_inputs(tokens_NxT, attention_mask, positions, attn_mask)
+        h, _ = self.hidden(tokens_NxT, pos, mask)
+        return self.logits(h)
+
+
+def positions_from_mask(mask_NxT: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(mask_NxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def causal_inputs(tokens_NxT, attention_mask=None, positions=None, attn_mask=None):
+    """(positions [N,T], mask [N,T,T]) for a forward without cache. Every token may attend to
+    itself so that padded rows never produce NaNs."""
+    n, t = tokens_NxT.shape
+    valid = jnp.ones((n, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        positions = positions_from_mask(valid)
+    eye = jnp.eye(t, dtype=bool)[None]
+    if attn_mask is None:
+        attn_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    return positions, attn_mask.astype(bool) | eye
+
+
+def cache_mask(cache: KVCache, new_valid_NxT: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Marks the T new tokens' slots in the cache and returns (cache, mask [N, T, S]) with
+    which those tokens attend: every earlier real slot, earlier new tokens, and themselves."""
+    n, t = new_valid_NxT.shape
+    s = cache.mask_NxS.shape[1]
+    slots = cache.index + jnp.arange(t)
+    m = jax.lax.dynamic_update_slice_in_dim(cache.mask_NxS, new_valid_NxT.astype(bool),
+                                            cache.index, axis=1)
+    key = jnp.arange(s)
+    causal = key[None, :] <= slots[:, None]  # [T, S]
+    mask = (m[:, None, :] & causal[None]) | (key[None, :] == slots[:, None])[None]
+    return cache._replace(mask_NxS=m), mask
