@@ -1,0 +1,1 @@
+"""Data: offline dataset sources and the records they yield."""

@@ -1,0 +1,1 @@
+"""Outcome rewards: answer extraction, verification and format checks."""
