@@ -104,19 +104,20 @@ def stepwise_advantages(
 def sequence_process_advantages(
     mode: str,
     g_NxK: jax.Array,
+    step_mask_NxK: jax.Array,
     group_size: int,
     *,
     estimator: str = "grpo",
     std_normalize: bool = True,
     eps: float = 1e-6,
 ) -> jax.Array:
-    """The per-sequence process advantage, [N]: the group-normalised R_mig = sum_k g_k in
-    trajectory mode, 0 in stepwise mode (which has no sequence-level process advantage)."""
+    """The per-sequence process advantage, [N]: the group-normalised R_mig = sum_k g_k (valid
+    steps) in trajectory mode, 0 in stepwise mode (which has no sequence-level advantage)."""
     if mode not in PROCESS_MODES:
         raise ValueError(f"process advantage mode {mode!r} is not one of {PROCESS_MODES}")
     if mode == "stepwise":
         return jnp.zeros((g_NxK.shape[0],), jnp.float32)
-    r_mig_N = jnp.sum(jnp.asarray(g_NxK, jnp.float32), axis=1)
+    r_mig_N = jnp.sum(jnp.where(jnp.asarray(step_mask_NxK, bool), g_NxK, 0.0), axis=1)
     return group_advantages(
         r_mig_N, group_size, estimator=estimator, std_normalize=std_normalize, eps=eps
     )
@@ -144,7 +145,13 @@ def token_process_advantages(
     cot_mask_NxC = jnp.asarray(cot_mask_NxC, bool)
     if mode == "trajectory":
         adv_N = sequence_process_advantages(
-            mode, g_NxK, group_size, estimator=estimator, std_normalize=std_normalize, eps=eps
+            mode,
+            g_NxK,
+            step_mask_NxK,
+            group_size,
+            estimator=estimator,
+            std_normalize=std_normalize,
+            eps=eps,
         )
         return jnp.where(cot_mask_NxC, adv_N[:, None], 0.0)
     if mode != "stepwise":

@@ -25,6 +25,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+try:
+    from orbax.checkpoint.path import step as ocp_step
+except ImportError:  # layout of a future orbax; the item check below still applies
+    ocp_step = None
+
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 MANIFEST_ITEM = "manifest"
@@ -138,13 +143,17 @@ class Checkpointer:
         """Finalized checkpoint steps on disk, ascending; in-flight and partial ones excluded."""
         if not os.path.isdir(self.directory):
             return []
-        steps = []
+        steps = set()
         for name in os.listdir(self.directory):
             if not name.isdigit():
                 continue
             step_dir = os.path.join(self.directory, name)
             if all(os.path.isdir(os.path.join(step_dir, item)) for item in _ITEMS):
-                steps.append(int(name))
+                steps.add(int(name))
+        # Orbax's own finalization test as well (it matters on storage without atomic rename).
+        finalized = getattr(ocp_step, "checkpoint_steps", None)
+        if finalized is not None and steps:
+            steps &= set(finalized(self.directory))
         return sorted(steps)
 
     def latest_step(self) -> int | None:
@@ -165,7 +174,10 @@ class Checkpointer:
         if step in self.all_steps() or step in self._manager.all_steps():
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         if not self._stale_tmp_removed:
-            self._remove_stale_tmp_dirs()
+            os.makedirs(self.directory, exist_ok=True)
+            if jax.process_index() == 0:
+                self._remove_stale_tmp_dirs()
+            self._manager.reload()
             self._stale_tmp_removed = True
         manifest = {"version": MANIFEST_VERSION, "leaves": tree_manifest(state)}
         saved = self._manager.save(
@@ -182,11 +194,9 @@ class Checkpointer:
 
     def _remove_stale_tmp_dirs(self) -> None:
         """Deletes temporary step directories left by an interrupted earlier run."""
-        os.makedirs(self.directory, exist_ok=True)
         for name in os.listdir(self.directory):
             if TMP_MARKER in name:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until every pending async save is finalized on disk."""
@@ -207,7 +217,12 @@ class Checkpointer:
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """Restores checkpoint `step` (None: the latest) onto `abstract_state`'s shapes,
-        dtypes and shardings; returns `(state, extra)`."""
+        dtypes and shardings; returns `(state, extra)`.
+
+        Leaves of `abstract_state` are jax.ShapeDtypeStruct (or arrays); one without a
+        sharding lands on the first device. Key paths and shapes must match the checkpoint
+        (ValueError naming the first difference); dtypes may differ and are cast.
+        """
         if not os.path.isdir(self.directory):
             raise ValueError(f"checkpoint directory {self.directory} does not exist")
         steps = self.all_steps()

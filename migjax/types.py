@@ -38,9 +38,9 @@ class TrainBatch(NamedTuple):
     mask_NxC: jax.Array  # bool, M_full
     cot_mask_NxC: jax.Array  # bool, M_cot
     step_id_NxC: jax.Array  # int32, 0 outside steps, k for step k
-    old_logp_NxC: jax.Array  # float32, log-probs under the policy that sampled (recomputed)
-    ref_logp_NxC: jax.Array  # float32, reference-model log-probs (zeros when unused)
+    sampler_logp_NxC: jax.Array  # float32, log-probs the sampler reported
     l_NxK1: jax.Array  # float32, step-conditioned answer log-likelihoods l_0..l_K
     step_mask_NxK: jax.Array  # bool
+    num_steps_N: jax.Array  # int32, K of each completion (0 = no parseable CoT)
     r_correct_N: jax.Array  # float32
     r_format_N: jax.Array  # float32

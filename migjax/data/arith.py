@@ -17,7 +17,7 @@ _DISTRACTORS = (
     "The bus has {n} seats.",
     "A rope is {n} m long.",
     "The shop has {n} cats.",
-    "It is {n} degrees outside.",
+    "The room is {n} m wide.",
 )
 _QUESTION_END = "What is the result?"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
-from migjax.rewards.verify import answer_variants, extract_answer
+from migjax.rewards.verify import answer_variants, extract_answer, normalize_number
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _number_answers(v: Any, field: str) -> tuple[str, ...]:
     if isinstance(v, float):
         if not math.isfinite(v):
             raise _Skip("no_final_answer", field, f"answer field {field!r} is {v!r}")
-        v = str(Fraction(repr(v)))
+        v = normalize_number(str(Fraction(repr(v))))  # exact decimal, e.g. 1e+16 -> 10**16
     return answer_variants(str(v))
 
 
@@ -172,7 +172,10 @@ def _asdiv_xml(path: str, subset: str | None) -> Iterator[tuple[int, dict]]:
         folds = sorted(glob.glob(os.path.join(os.path.dirname(path), "nfolds", subset, "*.txt")))
         if not folds:
             raise FileNotFoundError(f"asdiv subset {subset!r}: no fold files beside {path}")
-        keep = {i for f in folds for i in open(f, encoding="utf-8").read().split()}
+        keep = set()
+        for fold in folds:
+            with open(fold, encoding="utf-8") as f:
+                keep.update(f.read().split())
     for prob in root.iter("Problem"):
         pid = prob.get("ID", "")
         if keep is not None and pid not in keep:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import resource
 import select
 import subprocess
 import sys
@@ -21,11 +23,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _MAX_FRACTION_DIGITS = 1000  # longer literals are compared as canonical strings, never as ints
+_MAX_ALT_DENOMINATOR = 10  # a decimal answer gets a fraction variant only up to this
 _MAX_SLOW_CHARS = 20_000  # longer predictions are never sent to the symbolic checker
 _STARTUP_TIMEOUT_S = 120.0
+_WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of the worker process
 _MAX_START_FAILURES = 3
-
-# ----------------------------------------------------------------------------- extraction
 
 
 def _boxed_content(text: str, start: int) -> str | None:
@@ -102,8 +104,6 @@ def extract_answer(
     return None
 
 
-# ----------------------------------------------------------------------------- numbers
-
 _DEC_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRAC_RE = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
 _TEX_FRAC_RE = re.compile(
@@ -123,15 +123,9 @@ def _clean(s: str) -> str:
     s = s.replace("{,}", ",").strip().rstrip(".").strip()
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
-    m = re.fullmatch(r"([+-]?)\((.*)\)", s)
-    if m and "(" not in m.group(2) and ")" not in m.group(2):
-        sign, inner = m.group(1), m.group(2).strip()
-        if sign == "-" and inner.startswith("-"):
-            s = inner[1:]
-        elif sign == "-" and inner.startswith("+"):
-            s = "-" + inner[1:]
-        else:
-            s = sign + inner
+    m = re.fullmatch(r"([+-]?)\(\s*([+-]?)(\d[\d.]*(?:\s*/\s*\d+)?)\s*\)", s)  # -(1/3)
+    if m:
+        s = ("-" if (m.group(1) == "-") != (m.group(2) == "-") else "") + m.group(3)
     return re.sub(r"\s+", " ", s).strip()
 
 
@@ -202,8 +196,9 @@ def normalize_number(s: str) -> str:
 
 
 def answer_variants(raw: str) -> tuple[str, ...]:
-    """Equivalent reference strings for one answer: its own (cleaned) form first, then the
-    decimal and fraction forms of a non-integer number (`"1/2"` -> `("1/2", "0.5")`)."""
+    """Equivalent reference strings for one answer: its own (cleaned) form first, then a
+    short alternative form of a non-integer number (`"1/2"` -> `("1/2", "0.5")`,
+    `"1.25"` -> `("1.25", "5/4")`); alternatives longer than that are left out."""
     raw = raw.strip()
     value = _parse(raw)
     if not isinstance(value, Fraction):
@@ -213,8 +208,12 @@ def answer_variants(raw: str) -> tuple[str, ...]:
         out.append(str(value.numerator))
     else:
         frac, dec = f"{value.numerator}/{value.denominator}", _decimal_str(value)
-        forms = [frac, dec] if ("/" in raw or "frac" in raw) else [dec, frac]
-        out.extend(f for f in forms if f is not None)
+        short_dec = dec if dec is not None and len(dec.partition(".")[2]) <= 4 else None
+        short_frac = frac if value.denominator <= _MAX_ALT_DENOMINATOR else None
+        if "/" in raw or "frac" in raw:
+            out.extend(f for f in (frac, short_dec) if f is not None)
+        else:
+            out.extend(f for f in (dec, short_frac) if f is not None)
     return tuple(dict.fromkeys(out))
 
 
@@ -224,9 +223,6 @@ def _numbers_equal(a: Fraction | str, b: Fraction | str) -> bool:
     return isinstance(a, str) and a == b
 
 
-# ----------------------------------------------------------------------------- worker
-
-
 def _mv_parse(s: str, parse):
     """math_verify parse, wrapping bare LaTeX in `$...$` so it is read as one expression."""
     delimited = any(t in s for t in ("$", "\\boxed", "\\[", "\\("))
@@ -234,17 +230,27 @@ def _mv_parse(s: str, parse):
     return parse(first, parsing_timeout=None) or parse(second, parsing_timeout=None)
 
 
-def _serve() -> None:
-    """Worker loop: JSON requests on stdin, one JSON reply per line on the saved stdout."""
+def _serve(cpu_per_item_s: int) -> None:
+    """Worker loop: JSON requests on stdin, one JSON reply per line on the saved stdout.
+    Each item gets a CPU-time cap so that even an orphaned worker stuck in C code dies."""
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # stray prints must not corrupt the reply stream
     logging.disable(logging.WARNING)
+    resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    hard_cpu = resource.getrlimit(resource.RLIMIT_CPU)[1]
     from math_verify import parse, verify
 
+    for gold, pred in (("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"), ("(1, 2)", "x = 0.5")):
+        verify(_mv_parse(gold, parse), _mv_parse(pred, parse), timeout_seconds=None)  # warm-up
     out.write('{"ready": true}\n')
     out.flush()
     for line in sys.stdin:
         ok, err = False, None
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime) + cpu_per_item_s
+        if hard_cpu == resource.RLIM_INFINITY or soft <= hard_cpu:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard_cpu))
         try:
             req = json.loads(line)
             target = _mv_parse(req["pred"], parse)
@@ -253,15 +259,15 @@ def _serve() -> None:
                 if gold and target and verify(gold, target, timeout_seconds=None):
                     ok = True
                     break
-        except BaseException as e:  # noqa: BLE001 - every failure is reported, never fatal
+        except Exception as e:  # every failure is reported, never fatal
             err = f"{type(e).__name__}: {e}"[:500]
         out.write(json.dumps({"ok": ok, "error": err}) + "\n")
         out.flush()
 
 
 _BOOT = (
-    "import sys; sys.path.insert(0, {root!r}); sys.setrecursionlimit(10000); "
-    "from migjax.rewards.verify import _serve; _serve()"
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from migjax.rewards.verify import _serve; _serve({cpu})"
 )
 
 
@@ -286,19 +292,19 @@ class Verifier:
         self.timeout_s = float(timeout_s)
         self.n_timeouts = 0
         self.n_errors = 0
+        self.n_slow = 0  # items that needed the symbolic checker
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._buf = b""
         self._start_failures = 0
         self._finalizer = weakref.finalize(self, _kill, None)
 
-    # -- worker management
     def _start(self) -> bool:
         if self._start_failures >= _MAX_START_FAILURES:
             return False
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT.format(root=root)],
+            [sys.executable, "-c", _BOOT.format(root=root, cpu=math.ceil(2 * self.timeout_s) + 5)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -307,7 +313,10 @@ class Verifier:
         self._proc, self._buf = proc, b""
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _kill, proc)
-        reply = self._read_line(_STARTUP_TIMEOUT_S)
+        try:
+            reply = self._read_line(_STARTUP_TIMEOUT_S)
+        except (OSError, ValueError):
+            reply = None
         if reply is None or not reply.get("ready"):
             self._start_failures += 1
             log.error("math_verify worker failed to start (attempt %d)", self._start_failures)
@@ -340,6 +349,7 @@ class Verifier:
 
     def _slow(self, pred: str, refs: Sequence[str]) -> bool:
         with self._lock:
+            self.n_slow += 1
             if (self._proc is None or self._proc.poll() is not None) and not self._start():
                 self.n_errors += 1
                 return False
@@ -365,14 +375,13 @@ class Verifier:
                 self.n_errors += 1
             return bool(reply.get("ok"))
 
-    # -- public API
     def verify(self, pred: str | None, refs: Sequence[str]) -> bool:
         """True when `pred` is equivalent to any reference string."""
         if not isinstance(pred, str) or not pred.strip() or not refs:
             return False
         refs = [r for r in refs if isinstance(r, str) and r.strip()]
         p_clean = _clean(pred)
-        if any(p_clean == _clean(r) for r in refs):
+        if p_clean and any(p_clean == _clean(r) for r in refs):
             return True
         p_num = _parse(pred)
         if p_num is not None:
@@ -403,9 +412,6 @@ class Verifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ----------------------------------------------------------------------------- rewards
 
 
 def format_reward(

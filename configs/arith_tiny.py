@@ -1,0 +1,37 @@
+"""The embedded default: multi-step arithmetic, a ~1M-parameter transformer trained from scratch
+by a supervised warm start, then RL with MIG. CPU only, no downloads.
+
+    python -m migjax.main --config=configs/arith_tiny.py --workdir=runs/arith_tiny
+
+Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo` (see configs/base.py).
+"""
+
+from configs.base import apply_variant
+from configs.base import get_config as base_config
+
+
+def get_config(variant: str = "mig"):
+    c = base_config()
+    c.task.kind = "arith"
+    c.task.template = "Question: {question}\nAnswer: "
+    c.task.use_chat_template = False
+    c.task.max_prompt_len = 80
+    c.task.max_answer_len = 6
+    c.task.max_variants = 1
+    c.sampler.max_new_tokens = 72
+    c.warmstart.steps = 300
+    c.warmstart.batch_size = 32
+    c.warmstart.lr = 3e-3
+    c.warmstart.max_len = 160
+    c.rl.steps = 60
+    c.rl.batch_prompts = 8
+    c.rl.group_size = 8
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 5
+    c.mig.max_steps = 6
+    c.eval.every = 0
+    c.eval.pass_k = 4
+    c.task.eval_limit = 128
+    c.checkpoint.every = 10
+    c.log.samples_every = 20
+    return apply_variant(c, variant)

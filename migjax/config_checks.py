@@ -1,0 +1,66 @@
+"""Cross-field checks of a run config: each error names the fields involved."""
+
+from __future__ import annotations
+
+CHOICES = {
+    "mode": ("rl", "sft"),
+    "task.kind": ("arith", "gsm8k", "math", "svamp", "asdiv", "mawps", "jsonl"),
+    "task.overlong": ("skip", "truncate"),
+    "mig.step_delimiter": ("step", "newline", "blank_line"),
+    "mig.scorer": ("policy", "reference"),
+    "mig.variant_reduce": ("max", "logsumexp", "mean"),
+    "mig.likelihood_space": ("log", "prob"),
+    "mig.h0": ("l0", "zero"),
+    "mig.reward": ("gain", "end_of_cot"),
+    "mig.advantage_mode": ("trajectory", "stepwise"),
+    "adv.estimator": ("grpo", "rloo", "dr_grpo"),
+    "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "loss.kl_estimator": ("k1", "k2", "k3"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def _get(c, dotted):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate(c, device_count: int | None = None) -> None:
+    """Raises ValueError on the first inconsistent setting."""
+    for field, allowed in CHOICES.items():
+        if _get(c, field) not in allowed:
+            raise ValueError(f"{field}={_get(c, field)!r}; expected one of {allowed}")
+    for field in ("rl.steps", "rl.batch_prompts", "rl.group_size", "rl.minibatches", "rl.epochs",
+                  "mig.max_steps", "sampler.max_new_tokens", "task.max_prompt_len",
+                  "task.max_answer_len", "task.max_variants", "checkpoint.every",
+                  "checkpoint.keep", "log.every"):
+        if _get(c, field) < 1:
+            raise ValueError(f"{field}={_get(c, field)} must be >= 1")
+    n = c.rl.batch_prompts * c.rl.group_size
+    if n % c.rl.minibatches:
+        raise ValueError(f"rl.batch_prompts * rl.group_size = {n} is not divisible by "
+                         f"rl.minibatches={c.rl.minibatches}")
+    if c.mig.h0 == "zero" and c.mig.likelihood_space == "log" and c.loss.alpha:
+        raise ValueError("mig.h0='zero' with mig.likelihood_space='log' gives no step any credit "
+                         "(log-likelihoods are <= 0); use mig.likelihood_space='prob'")
+    if c.mig.reward == "end_of_cot" and c.mig.advantage_mode != "trajectory":
+        raise ValueError("mig.reward='end_of_cot' is a per-trajectory reward; it needs "
+                         "mig.advantage_mode='trajectory'")
+    if c.loss.eps_low < 0 or c.loss.eps_high < 0 or c.loss.eps_low >= 1:
+        raise ValueError(f"loss.eps_low={c.loss.eps_low}, loss.eps_high={c.loss.eps_high}: need "
+                         "0 <= eps_low < 1 and eps_high >= 0")
+    if c.rl.group_size < 2 and c.mode == "rl":
+        raise ValueError(f"rl.group_size={c.rl.group_size}: group-relative advantages need >= 2")
+    if c.task.kind != "arith" and not c.task.train_path:
+        raise ValueError(f"task.train_path is required for task.kind={c.task.kind!r}")
+    if c.task.kind != "arith" and not (c.model.path or c.model.preset):
+        raise ValueError(f"task.kind={c.task.kind!r} needs model.path (or model.preset)")
+    if c.model.preset and c.model.path:
+        raise ValueError("set only one of model.path and model.preset")
+    if device_count is not None:
+        shards = device_count // (c.mesh.fsdp * c.mesh.tensor) if c.mesh.data < 1 else c.mesh.data
+        shards *= c.mesh.fsdp
+        if shards and c.rl.batch_prompts % shards:
+            raise ValueError(f"rl.batch_prompts={c.rl.batch_prompts} is not divisible by the "
+                             f"mesh's batch shards (mesh.data x mesh.fsdp = {shards})")

@@ -1,0 +1,56 @@
+"""Held-out evaluation: greedy pass@1 and sampled pass@k over an encoded example set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from migjax.data.pipeline import EncodedExamples
+from migjax.rewards.verify import Verifier, extract_answer
+from migjax.rollout import SamplingRules, sample
+
+
+def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verifier, *,
+             rules: SamplingRules, batch_size: int, k: int, key, put=lambda x: x,
+             max_examples: int | None = None):
+    """{"pass@1": greedy accuracy, "pass@k": any of k samples correct} and example rows.
+
+    Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
+    """
+    n = min(len(data), max_examples or len(data))
+    greedy = dataclasses.replace(rules, greedy=True)
+    hits1, hitsk, rows = [], [], []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        toks, mask = put(jnp.asarray(data.tokens_ExP[idx])), put(jnp.asarray(data.mask_ExP[idx]))
+        real = min(batch_size, n - start)
+        r1 = sample(graphdef, params, toks, mask, key, rules=greedy, group_size=1)
+        texts1 = _texts(tokenizer, r1)
+        ok1 = [_correct(verifier, t, data.answers[i]) for t, i in zip(texts1, idx, strict=True)]
+        hits1 += ok1[:real]
+        if k > 0:
+            rk = sample(graphdef, params, toks, mask, jax.random.fold_in(key, start), rules=rules,
+                        group_size=k)
+            okk = [_correct(verifier, t, data.answers[idx[j // k]])
+                   for j, t in enumerate(_texts(tokenizer, rk))]
+            hitsk += [any(okk[i * k:(i + 1) * k]) for i in range(real)]
+        if start == 0:
+            rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
+                         reference=data.answers[i][0] if data.answers[i] else "")
+                    for i, t, o in zip(idx[:real], texts1, ok1, strict=False)]
+    out = {"pass@1": float(np.mean(hits1)) if hits1 else 0.0}
+    if k > 0:
+        out[f"pass@{k}"] = float(np.mean(hitsk)) if hitsk else 0.0
+    return out, rows
+
+
+def _texts(tokenizer, rollout) -> list[str]:
+    toks, mask = np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC, bool)
+    return [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(toks, mask, strict=True)]
+
+
+def _correct(verifier: Verifier, text: str, refs) -> bool:
+    return verifier.verify(extract_answer(text), list(refs))

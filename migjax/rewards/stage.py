@@ -1,0 +1,90 @@
+"""The reward stage: decode completions, segment their steps, verify their answers (host), then
+score the step-conditioned answer likelihoods (jitted) and assemble the `TrainBatch`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from migjax.models import merge
+from migjax.rewards import mig
+from migjax.rewards.segment import Segmentation, segment_completions
+from migjax.rewards.verify import Verifier, outcome_rewards
+from migjax.types import PromptBatch, Rollout, TrainBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class MigRules:
+    """What the likelihood pass needs to know (hashable: a static jit argument)."""
+
+    max_steps: int = 8
+    delimiter: str = "step"
+    variant_reduce: str = "max"
+    count_closing_tokens: bool = False
+    chunk: int = 256
+    fast: bool = True
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
+def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
+                probe_Q, answer_NxVxA, answer_mask_NxVxA, *, rules: MigRules):
+    """l_NxK1 by the fast packed-probe pass (no gradient)."""
+    return mig.step_likelihoods(
+        merge(graphdef, params), prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
+        probe_Q, answer_NxVxA, answer_mask_NxVxA, variant_reduce=rules.variant_reduce,
+        count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk)
+
+
+class RewardStage:
+    """Turns a rollout into a `TrainBatch`, plus the decoded texts for logging."""
+
+    def __init__(self, tokenizer, token_strings: list[str], *, probe: str, rules: MigRules,
+                 verifier: Verifier, format_kw: dict | None = None):
+        self.tokenizer = tokenizer
+        self.token_strings = token_strings
+        self.probe_Q = jnp.asarray(tokenizer.encode(probe, add_special_tokens=False), jnp.int32)
+        if self.probe_Q.shape[0] == 0:
+            raise ValueError(f"mig.probe={probe!r} encodes to no tokens")
+        self.rules = rules
+        self.verifier = verifier
+        self.format_kw = format_kw or {}
+
+    def texts(self, tokens_NxC, mask_NxC) -> list[str]:
+        return [self.tokenizer.decode(t[m], skip_special_tokens=True)
+                for t, m in zip(np.asarray(tokens_NxC), np.asarray(mask_NxC, bool), strict=True)]
+
+    def segment(self, rollout: Rollout) -> Segmentation:
+        return segment_completions(np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC),
+                                   self.token_strings, max_steps=self.rules.max_steps,
+                                   delimiter=self.rules.delimiter)
+
+    def __call__(self, graphdef, scorer_params, rollout: Rollout, prompts: PromptBatch,
+                 refs_B: list[tuple[str, ...]], group_size: int):
+        """(TrainBatch, info): info holds texts, predictions and the segmentation."""
+        seg = self.segment(rollout)
+        texts = self.texts(rollout.tokens_NxC, rollout.mask_NxC)
+        refs_N = [refs_B[i // group_size] for i in range(len(texts))]
+        r_correct, r_format, preds = outcome_rewards(texts, refs_N, self.verifier,
+                                                     **self.format_kw)
+        rep = lambda x: jnp.repeat(jnp.asarray(x), group_size, axis=0)
+        args = (rollout.prompt_NxP, rollout.prompt_mask_NxP, rollout.tokens_NxC,
+                rollout.mask_NxC, jnp.asarray(seg.cuts_NxK1), self.probe_Q,
+                rep(prompts.answer_BxVxA), rep(prompts.answer_mask_BxVxA))
+        if self.rules.fast:
+            l_NxK1 = score_steps(graphdef, scorer_params, *args, rules=self.rules)
+        else:
+            l_NxK1 = mig.step_likelihoods_naive(
+                merge(graphdef, scorer_params), *args, variant_reduce=self.rules.variant_reduce,
+                count_closing_tokens=self.rules.count_closing_tokens)
+        batch = TrainBatch(
+            prompt_NxP=rollout.prompt_NxP, prompt_mask_NxP=rollout.prompt_mask_NxP,
+            tokens_NxC=rollout.tokens_NxC, mask_NxC=rollout.mask_NxC,
+            cot_mask_NxC=jnp.asarray(seg.cot_mask_NxC), step_id_NxC=jnp.asarray(seg.step_id_NxC),
+            sampler_logp_NxC=rollout.sampler_logp_NxC, l_NxK1=l_NxK1,
+            step_mask_NxK=jnp.asarray(seg.step_mask_NxK), num_steps_N=jnp.asarray(seg.num_steps_N),
+            r_correct_N=jnp.asarray(r_correct), r_format_N=jnp.asarray(r_format))
+        return batch, dict(texts=texts, preds=preds, seg=seg, refs=refs_N)

@@ -1,0 +1,254 @@
+"""The composition root: rollout -> rewards (MIG + outcome) -> jitted update, with evaluation,
+checkpoints, resume and metrics. The only module with side effects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from migjax import experiment as ex
+from migjax.checkpointing import Checkpointer, atomic_write_json, atomic_write_text
+from migjax.data.pipeline import make_iterator
+from migjax.data.tokenizer import token_strings
+from migjax.evaluation import evaluate
+from migjax.metrics import MetricsWriter, format_sample_table
+from migjax.models.loading import save_params
+from migjax.models.sharding import batch_sharding
+from migjax.rewards.stage import MigRules, RewardStage
+from migjax.rewards.verify import Verifier
+from migjax.rollout import SamplingRules, sample
+from migjax.train_state import TrainState, init_state, make_optimizer
+from migjax.update import UpdateHParams, update
+from migjax.viz import completions_html, write_html
+from migjax.warmstart import run_warmstart
+
+log = logging.getLogger(__name__)
+ROLLOUT, EVAL = 1, 2  # named random streams: key = fold_in(fold_in(key(seed), stream), step)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def to_global(x, mesh):
+    """Places a host array that every process holds in full onto the mesh, batch-sharded."""
+    x = np.asarray(x)
+    sh = batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+def gather(x) -> np.ndarray:
+    """The full value of a (possibly multi-process) array on this host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def sampling_rules(c, tokenizer) -> SamplingRules:
+    eos = tokenizer.eos_token_id
+    return SamplingRules(
+        max_new_tokens=c.sampler.max_new_tokens, temperature=c.sampler.temperature,
+        top_k=c.sampler.top_k, top_p=c.sampler.top_p,
+        stop_ids=() if eos is None else (int(eos),),
+        stop_seqs=ex.stop_sequences(tokenizer, c.sampler.stop_strings),
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+
+
+def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh, step):
+    out, rows = {}, []
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL), step)
+    bs = c.rl.batch_prompts
+    for name, data in evals.items():
+        res, rows_ = evaluate(graphdef, params, data, tokenizer, verifier, rules=rules,
+                              batch_size=bs, k=c.eval.pass_k, key=key,
+                              put=lambda x: to_global(gather(x), mesh))
+        for k_, v in res.items():
+            out[f"eval/{name}/{k_}"] = v
+        rows = rows or rows_
+    return out, rows
+
+
+def train(c, workdir: str) -> dict:
+    """Runs the config in `workdir` (resuming from its last checkpoint) and returns a summary."""
+    t_start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=1))
+    mesh = ex.build_mesh(c)
+    tokenizer = ex.build_tokenizer(c, workdir)
+    verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
+    rules = sampling_rules(c, tokenizer)
+    model_path = None
+    if c.task.kind == "arith" and not c.model.path and not c.model.preset and c.model.init_from_sft:
+        model_path = run_warmstart(c, workdir, tokenizer, mesh, verifier, rules)
+    graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path)
+    train_data, evals, data_stats = ex.build_data(c, tokenizer)
+    log.info("data: %d training prompts; eval sets %s; %s", len(train_data),
+             {k: len(v) for k, v in evals.items()}, data_stats)
+
+    optimizer = make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
+                               weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
+                               grad_clip=c.optim.grad_clip)
+    state = init_state(params, optimizer)
+    needs_ref = c.loss.kl_coef > 0 or c.mig.scorer == "reference"
+    ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None
+    hp = UpdateHParams.from_config(c)
+    stage = RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
+                        probe=c.mig.probe, verifier=verifier,
+                        rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
+                                       variant_reduce=c.mig.variant_reduce,
+                                       count_closing_tokens=c.mig.count_closing_tokens,
+                                       chunk=c.rl.score_chunk, fast=c.mig.fast))
+    nproc, pid = jax.process_count(), jax.process_index()
+    it = make_iterator(train_data, batch_size=c.rl.batch_prompts // nproc, seed=c.seed,
+                       shard_index=pid, shard_count=nproc)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
+                        async_save=c.checkpoint.async_save)
+    writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard and pid == 0)
+    start = ckpt.latest_step() or 0
+    summary_path = os.path.join(workdir, "summary.json")
+    if start:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding), state)
+        state, extra = ckpt.restore(start, abstract)
+        it.set_state(extra["data"])
+        writer.resume(start)
+        before = extra["before"]
+        log.info("resumed from checkpoint %d in %s", start, ckpt.directory)
+    else:
+        before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
+                              mesh, 0)
+        log.info("before RL: %s", before)
+
+    bar = tqdm(range(start, c.rl.steps), initial=start, total=c.rl.steps, desc="rl",
+               disable=not c.log.progress or pid != 0, dynamic_ncols=True)
+    for step in bar:
+        m = rl_step(c, step, graphdef, optimizer, hp, state, ref_params, it, train_data, stage,
+                    rules, mesh, workdir)
+        state, metrics = m
+        if int(state.skips) >= c.optim.max_consecutive_skips:
+            ckpt.wait()
+            raise NonFiniteError(
+                f"step {step + 1}: {int(state.skips)} consecutive updates had a non-finite loss "
+                f"or gradient (optim.max_consecutive_skips={c.optim.max_consecutive_skips}); "
+                f"last good checkpoint: {ckpt.latest_step()} in {ckpt.directory}")
+        done = step + 1
+        if c.eval.every and done % c.eval.every == 0 and done < c.rl.steps:
+            ev, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
+                              mesh, done)
+            metrics.update(ev)
+        if done % c.log.every == 0 or done == c.rl.steps:
+            metrics["time/elapsed_s"] = time.time() - t_start
+            writer.write(done, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/correct']:.2f}",
+                        gain=f"{metrics['mig/gain_sum']:.3f}")
+        if done % c.checkpoint.every == 0 or done == c.rl.steps:
+            ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
+    ckpt.wait()
+    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c, mesh,
+                            c.rl.steps)
+    writer.write(c.rl.steps, {**{k: v for k, v in after.items()}, "time/elapsed_s":
+                              time.time() - t_start})
+    writer.close()
+    ckpt.close()
+    verifier.close()
+    summary = {"before": before, "after": after, "steps": c.rl.steps, "workdir": workdir,
+               "wall_s": time.time() - t_start}
+    if pid == 0:
+        if c.checkpoint.export_hf:
+            export = os.path.join(workdir, "export")
+            save_params(jax.device_get(state.params), mcfg, export, tokenizer=tokenizer)
+            summary["export"] = export
+        write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
+            [dict(r, reward=float(r["correct"])) for r in rows[:32]], title="Evaluation samples"))
+        atomic_write_json(summary_path, summary)
+    return summary
+
+
+def rl_step(c, step, graphdef, optimizer, hp, state: TrainState, ref_params, it, data, stage,
+            rules, mesh, workdir):
+    """One rollout batch: sample, reward, update. Returns (state, metrics as floats)."""
+    prompts = next(it)
+    g = c.rl.group_size
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), ROLLOUT), step)
+    ids = gather(jnp.asarray(prompts.example_id_B)) if jax.process_count() > 1 else \
+        np.asarray(prompts.example_id_B)
+    toks = to_global(np.asarray(data.tokens_ExP[ids]), mesh)
+    pmask = to_global(np.asarray(data.mask_ExP[ids]), mesh)
+    t0 = time.perf_counter()
+    rollout = sample(graphdef, state.params, toks, pmask, key, rules=rules, group_size=g)
+    rollout = jax.tree.map(gather, rollout)
+    t1 = time.perf_counter()
+    refs = [data.answers[i] for i in ids]
+    answers = type(prompts)(tokens_BxP=None, mask_BxP=None,
+                            answer_BxVxA=data.answer_ExVxA[ids],
+                            answer_mask_BxVxA=data.answer_mask_ExVxA[ids], example_id_B=ids)
+    scorer = ref_params if c.mig.scorer == "reference" else state.params
+    batch, info = stage(graphdef, scorer, rollout, answers, refs, g)
+    batch = jax.tree.map(lambda x: to_global(gather(x), mesh), batch)
+    jax.block_until_ready(batch.l_NxK1)
+    t2 = time.perf_counter()
+    state, metrics = update(graphdef, optimizer, state, batch,
+                            ref_params if c.loss.kl_coef > 0 else None, hp=hp)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    t3 = time.perf_counter()
+    n_new = float(np.asarray(rollout.mask_NxC).sum())
+    n_tok = float(np.prod(batch.tokens_NxC.shape) + np.prod(batch.prompt_NxP.shape))
+    metrics.update({
+        "perf/rollout_tok_s": n_new / max(t1 - t0, 1e-9),
+        "perf/score_tok_s": n_tok / max(t2 - t1, 1e-9),
+        "perf/update_tok_s": n_tok * c.rl.epochs / max(t3 - t2, 1e-9),
+        "rollout/truncated_frac": float(np.mean(np.asarray(rollout.truncated_N))),
+        "rollout/len": n_new / len(info["texts"]),
+    })
+    if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
+        log_samples(workdir, step + 1, info, batch, metrics)
+    return state, metrics
+
+
+def log_samples(workdir, step, info, batch, metrics):
+    """A text table on the console and an HTML view with per-step credit colouring."""
+    from migjax.rewards.watermark import watermark
+    wm = watermark(batch.l_NxK1, batch.step_mask_NxK)
+    g = np.asarray(wm.g_NxK)
+    rc = np.asarray(batch.r_correct_N)
+    rows, html_rows = [], []
+    for i, text in enumerate(info["texts"][:16]):
+        rows.append({"completion": text, "pred": info["preds"][i], "ref": info["refs"][i][0],
+                     "correct": rc[i], "gain": float(g[i].sum())})
+        k = int(info["seg"].num_steps_N[i])
+        from migjax.rewards.segment import step_spans_text
+        spans = step_spans_text(text, max_steps=k) if k else []
+        html_rows.append(dict(prompt="", completion=text, reward=float(rc[i]),
+                              correct=bool(rc[i] > 0.5),
+                              steps=[(text[a:b], float(g[i, j])) for j, (a, b) in
+                                     enumerate(spans[:k])]))
+    tqdm.write(f"step {step} samples\n" + format_sample_table(
+        rows, ["completion", "pred", "ref", "correct", "gain"]))
+    write_html(os.path.join(workdir, "samples", f"step_{step:06d}.html"),
+               completions_html(html_rows, title=f"Samples at step {step}"))
+
+
+def report(summary: dict) -> str:
+    """The closing lines of a run: pass@1 before and after RL per evaluation set, and outputs."""
+    lines = ["", "evaluation            before    after"]
+    for key in sorted(summary["after"]):
+        b, a = summary["before"].get(key, float("nan")), summary["after"][key]
+        lines.append(f"{key:<20} {b:>8.3f} {a:>8.3f}")
+    w = summary["workdir"]
+    lines += [f"wall time: {summary['wall_s'] / 60:.1f} min", "outputs:",
+              f"  metrics      {os.path.join(w, 'metrics.jsonl')}",
+              f"  checkpoints  {os.path.join(w, 'checkpoints')}",
+              f"  samples      {os.path.join(w, 'samples')}",
+              f"  summary      {os.path.join(w, 'summary.json')}",
+              f"  curves       python -m migjax.plot {w}"]
+    if "export" in summary:
+        lines.append(f"  export       {summary['export']}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Supervised warm start: cross-entropy on demonstration completions, with the same optimizer,
+state and non-finite guard as RL (used by `mode="sft"` and the embedded default's first stage)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from migjax.models import merge
+from migjax.models.scoring import token_logprobs
+from migjax.train_state import TrainState, apply_if_finite
+
+
+def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len: int):
+    """Right-padded [E, T] tokens, attention mask and loss mask (completion + eos tokens).
+    Demonstrations longer than max_len are dropped; returns the arrays and the drop count."""
+    eos = tokenizer.eos_token_id
+    rows = []
+    for p, comp in zip(prompts, completions, strict=True):
+        pt = tokenizer.encode(p, add_special_tokens=False)
+        ct = tokenizer.encode(comp, add_special_tokens=False) + ([eos] if eos is not None else [])
+        if len(pt) + len(ct) <= max_len:
+            rows.append((pt, ct))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((len(rows), max_len), pad, np.int32)
+    mask = np.zeros((len(rows), max_len), bool)
+    loss_mask = np.zeros((len(rows), max_len), bool)
+    for i, (pt, ct) in enumerate(rows):
+        s = pt + ct
+        tokens[i, :len(s)], mask[i, :len(s)] = s, True
+        loss_mask[i, len(pt):len(s)] = True
+    return (tokens, mask, loss_mask), len(prompts) - len(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer"), donate_argnums=(2,))
+def sft_step(graphdef, optimizer, state: TrainState, tokens_NxT, mask_NxT, loss_mask_NxT):
+    """One cross-entropy step on demonstrations; returns (state, metrics)."""
+
+    def loss_fn(params):
+        lp, _ = token_logprobs(merge(graphdef, params), tokens_NxT, mask_NxT)
+        m = loss_mask_NxT.astype(jnp.float32)
+        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state, ok = apply_if_finite(state, grads, loss, optimizer)
+    return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
+
+
+def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -> str:
+    """Trains the scratch model on the arithmetic demonstrations for `warmstart.steps` steps and
+    saves it as a Hugging Face directory `workdir/sft_model`, which later runs reuse."""
+    import logging
+    import os
+
+    from tqdm import tqdm
+
+    from migjax import experiment as ex
+    from migjax.data import arith
+    from migjax.models.loading import save_params
+    from migjax.models.sharding import batch_sharding
+    from migjax.train_state import init_state
+
+    out = os.path.join(workdir, "sft_model")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    w = c.warmstart
+    graphdef, params, mcfg = ex.build_model(_scratch_only(c), tokenizer, mesh)
+    render = ex.renderer(c, tokenizer)
+    task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
+    n = w.steps * w.batch_size
+    items = [task[i % len(task)] for i in range(n)]
+    (tokens, mask, loss_mask), dropped = encode_demos(
+        tokenizer, [render(it.question) for it in items], [it.solution for it in items], w.max_len)
+    if dropped:
+        logging.getLogger(__name__).warning("warm start: dropped %d demonstrations longer than "
+                                            "warmstart.max_len=%d", dropped, w.max_len)
+    sched = optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, w.steps // 20), max(2, w.steps))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+    state = init_state(params, optimizer)
+    put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
+    bar = tqdm(range(w.steps), desc="sft warm start", disable=not c.log.progress,
+               dynamic_ncols=True)
+    rows = len(tokens)
+    for s in bar:
+        idx = (np.arange(w.batch_size) + s * w.batch_size) % rows
+        state, m = sft_step(graphdef, optimizer, state, put(tokens[idx]), put(mask[idx]),
+                            put(loss_mask[idx]))
+        if s % 20 == 0 or s == w.steps - 1:
+            bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+    if jax.process_index() == 0:
+        save_params(jax.device_get(state.params), mcfg, out + ".tmp", tokenizer=tokenizer)
+        os.replace(out + ".tmp", out)
+    return out
+
+
+def _scratch_only(c):
+    c = c.copy_and_resolve_references()
+    c.model.path = ""
+    c.model.preset = ""
+    return c
