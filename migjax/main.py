@@ -7,6 +7,7 @@ import logging
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -25,6 +26,7 @@ def main(argv):
     if c.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
     validate(c, jax.device_count())
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("migjax").setLevel(logging.INFO)
     summary = trainer.train(c, _WORKDIR.value)
     print(trainer.report(summary))

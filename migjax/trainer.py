@@ -36,6 +36,12 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def say(msg: str) -> None:
+    """Progress output on the console (process 0 only), above any progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(msg)
+
+
 def to_global(x, mesh):
     """Places a host array that every process holds in full onto the mesh, batch-sharded."""
     x = np.asarray(x)
@@ -90,8 +96,8 @@ def train(c, workdir: str) -> dict:
         model_path = run_warmstart(c, workdir, tokenizer, mesh, verifier, rules)
     graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path)
     train_data, evals, data_stats = ex.build_data(c, tokenizer)
-    log.info("data: %d training prompts; eval sets %s; %s", len(train_data),
-             {k: len(v) for k, v in evals.items()}, data_stats)
+    say(f"data: {len(train_data)} training prompts; eval sets "
+        f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
 
     optimizer = make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
                                weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
@@ -121,11 +127,11 @@ def train(c, workdir: str) -> dict:
         it.set_state(extra["data"])
         writer.resume(start)
         before = extra["before"]
-        log.info("resumed from checkpoint %d in %s", start, ckpt.directory)
+        say(f"resumed from checkpoint {start} in {ckpt.directory}")
     else:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
                               mesh, 0)
-        log.info("before RL: %s", before)
+        say("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())))
 
     bar = tqdm(range(start, c.rl.steps), initial=start, total=c.rl.steps, desc="rl",
                disable=not c.log.progress or pid != 0, dynamic_ncols=True)

@@ -1,0 +1,102 @@
+"""Every config file loads, every variant validates, and bad settings fail with named fields."""
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs.base import VARIANTS, apply_variant
+from migjax.config_checks import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith(("_", "base")))
+
+
+def load(name, variant="mig"):
+    return importlib.import_module(f"configs.{name}").get_config(variant)
+
+
+def test_recipes_exist():
+    assert {"arith_tiny", "gsm8k_qwen", "math_qwen", "smollm2_gsm8k"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_recipe_and_variant_validates(name, variant):
+    c = load(name, variant)
+    if c.task.kind != "arith" and not c.model.path:
+        with pytest.raises(ValueError, match="model.path"):
+            validate(c, 1)
+        c.model.path = "/some/model"
+    validate(c, 1)
+    assert "{question}" in c.task.template
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_docstring_holds_the_command(name):
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    assert f"configs/{name}.py" in doc and "python -m migjax.main" in doc
+
+
+def test_variants_change_what_they_claim():
+    base = load("arith_tiny")
+    assert base.loss.alpha == 1.0 and base.mig.watermark
+    assert load("arith_tiny", "grpo").loss.alpha == 0.0
+    assert load("arith_tiny", "grpo").loss.gamma == 0.0
+    assert load("arith_tiny", "dapo").loss.eps_high == 0.28
+    assert load("arith_tiny", "dr_grpo").adv.estimator == "dr_grpo"
+    assert not load("arith_tiny", "no_watermark").mig.watermark
+    assert not load("arith_tiny", "coupled").mig.decoupled
+    assert load("arith_tiny", "end_of_cot").mig.reward == "end_of_cot"
+    with pytest.raises(ValueError, match="unknown config variant 'nope'"):
+        apply_variant(base, "nope")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mig.h0", "one", "mig.h0"),
+    ("adv.estimator", "ppo", "adv.estimator"),
+    ("loss.aggregation", "sum", "loss.aggregation"),
+    ("rl.minibatches", 3, "rl.minibatches"),
+    ("rl.group_size", 1, "rl.group_size"),
+    ("rl.steps", 0, "rl.steps"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    c = load("arith_tiny")
+    node = c
+    *path, leaf = field.split(".")
+    for p in path:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+        validate(c, 1)
+
+
+def test_cross_field_checks():
+    c = load("arith_tiny")
+    c.mig.h0 = "zero"
+    with pytest.raises(ValueError, match="likelihood_space"):
+        validate(c, 1)
+    c.mig.likelihood_space = "prob"
+    validate(c, 1)
+    c = load("arith_tiny")
+    c.mig.reward, c.mig.advantage_mode = "end_of_cot", "stepwise"
+    with pytest.raises(ValueError, match="advantage_mode"):
+        validate(c, 1)
+    c = load("arith_tiny")
+    c.rl.batch_prompts = 6
+    c.mesh.data = 4
+    with pytest.raises(ValueError, match="batch_prompts=6 is not divisible"):
+        validate(c, 4)
+
+
+def test_misspelt_key_fails_on_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "migjax.main", "--config=configs/arith_tiny.py",
+                        f"--workdir={tmp_path}", "--config.mig.wattermark=False"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "wattermark" in r.stderr
+    assert not os.listdir(tmp_path)
