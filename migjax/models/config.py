@@ -112,7 +112,8 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
+            # transformers' Qwen2/Qwen3/Llama configs all default to an untied head.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", bias)),
             qk_norm=qk_norm,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),

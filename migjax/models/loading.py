@@ -218,7 +218,8 @@ def _fill(ckpt: _Checkpoint, tm: TensorMap, sizes, shape, sharding, dtype) -> ja
     """One parameter as a jax.Array; each device's shard is read from disk on its own."""
 
     def callback(index):
-        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        index = () if index is None else tuple(index)
+        index += (slice(None),) * (len(shape) - len(index))
         bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
         layers = range(*bounds[0]) if tm.stacked else [None]
         ranges = dict(zip(tm.dims, bounds[1:] if tm.stacked else bounds, strict=True))

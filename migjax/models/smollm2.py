@@ -2,7 +2,7 @@
 float32 Hugging Face model directory (config.json, model.safetensors, tokenizer files) that
 `migjax.models.load_pretrained` and transformers both read. Runs offline.
 
-    python scripts/convert_smollm2.py --out /tmp/smollm2-135m-instruct
+    python -m migjax.models.smollm2 --out /tmp/smollm2-135m-instruct
 
 Idempotent: a directory that already holds a converted model is left as it is.
 """
