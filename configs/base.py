@@ -130,7 +130,9 @@ def get_config() -> mlc.ConfigDict:
 
     c.eval = mlc.ConfigDict()
     c.eval.every = 25  # steps; 0 = only before and after training
-    c.eval.pass_k = 4  # sampled pass@k (temperature sampler.temperature)
+    c.eval.pass_k = 4  # sampled pass@k (temperature sampler.temperature); 0 = off
+    c.eval.batch_size = 64  # prompts per evaluation batch
+    c.eval.max_new_tokens = 0  # 0 = sampler.max_new_tokens (OOD sets may need more)
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every = 25

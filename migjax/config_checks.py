@@ -37,6 +37,9 @@ def validate(c, device_count: int | None = None) -> None:
                   "checkpoint.keep", "log.every"):
         if _get(c, field) < 1:
             raise ValueError(f"{field}={_get(c, field)} must be >= 1")
+    if c.eval.batch_size < 1 or c.eval.pass_k < 0:
+        raise ValueError(f"eval.batch_size={c.eval.batch_size} must be >= 1 and "
+                         f"eval.pass_k={c.eval.pass_k} >= 0")
     n = c.rl.batch_prompts * c.rl.group_size
     if n % c.rl.minibatches:
         raise ValueError(f"rl.batch_prompts * rl.group_size = {n} is not divisible by "
@@ -61,6 +64,7 @@ def validate(c, device_count: int | None = None) -> None:
     if device_count is not None:
         shards = device_count // (c.mesh.fsdp * c.mesh.tensor) if c.mesh.data < 1 else c.mesh.data
         shards *= c.mesh.fsdp
-        if shards and c.rl.batch_prompts % shards:
-            raise ValueError(f"rl.batch_prompts={c.rl.batch_prompts} is not divisible by the "
-                             f"mesh's batch shards (mesh.data x mesh.fsdp = {shards})")
+        for field in ("rl.batch_prompts", "eval.batch_size"):
+            if shards and _get(c, field) % shards:
+                raise ValueError(f"{field}={_get(c, field)} is not divisible by the mesh's "
+                                 f"batch shards (mesh.data x mesh.fsdp = {shards})")

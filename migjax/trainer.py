@@ -3,6 +3,7 @@ checkpoints, resume and metrics. The only module with side effects."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -34,6 +35,19 @@ ROLLOUT, EVAL = 1, 2  # named random streams: key = fold_in(fold_in(key(seed), s
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class NullWriter:
+    """Stands in for the metrics writer on processes other than 0."""
+
+    def write(self, step, metrics):
+        pass
+
+    def resume(self, step):
+        pass
+
+    def close(self):
+        pass
 
 
 def say(msg: str) -> None:
@@ -70,7 +84,9 @@ def sampling_rules(c, tokenizer) -> SamplingRules:
 def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh, step):
     out, rows = {}, []
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL), step)
-    bs = c.rl.batch_prompts
+    bs = c.eval.batch_size
+    if c.eval.max_new_tokens:
+        rules = dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens)
     for name, data in evals.items():
         res, rows_ = evaluate(graphdef, params, data, tokenizer, verifier, rules=rules,
                               batch_size=bs, k=c.eval.pass_k, key=key,
@@ -118,7 +134,7 @@ def train(c, workdir: str) -> dict:
                        shard_index=pid, shard_count=nproc)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                         async_save=c.checkpoint.async_save)
-    writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard and pid == 0)
+    writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if pid == 0 else NullWriter()
     start = ckpt.latest_step() or 0
     summary_path = os.path.join(workdir, "summary.json")
     if start:
