@@ -44,10 +44,11 @@ class DecodeState(NamedTuple):
 
 
 def filter_logits(logits_NxV, rules: SamplingRules):
-    """Temperature, top-k and top-p (nucleus) filtering; filtered entries become -inf."""
+    """Temperature, top-k and top-p (nucleus) filtering; filtered entries become the float32
+    minimum (probability 0)."""
     x = logits_NxV.astype(jnp.float32) / max(rules.temperature, 1e-6)
     neg = jnp.finfo(jnp.float32).min
-    if rules.top_k > 0:
+    if 0 < rules.top_k < x.shape[-1]:  # k at or above the vocabulary keeps every token
         kth = jax.lax.top_k(x, rules.top_k)[0][:, -1:]
         x = jnp.where(x < kth, neg, x)
     if rules.top_p < 1.0:
