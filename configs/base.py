@@ -57,8 +57,14 @@ def get_config() -> mlc.ConfigDict:
     c.task.max_variants = 2  # equivalent reference strings kept per example
     c.task.overlong = "skip"  # prompts over max_prompt_len: skip (counted) or truncate
     c.task.strict = False  # stop at the first malformed record instead of skipping it
-    c.task.arith = mlc.ConfigDict(dict(train_size=100000, min_steps=2, max_steps=4,
-                                       max_operand=9, max_value=99, num_distractors=1))
+    # the embedded task: `train` shapes the training and in-distribution test problems, `ood`
+    # the out-of-distribution set (longer chains, larger values, more distractors)
+    c.task.arith = mlc.ConfigDict(dict(
+        train_size=100000,
+        train=dict(min_steps=2, max_steps=4, max_operand=9, max_value=99, num_distractors=1,
+                   min_distractors=0),
+        ood=dict(min_steps=5, max_steps=6, max_operand=9, max_value=999, num_distractors=2,
+                 min_distractors=2)))
 
     c.sampler = mlc.ConfigDict()
     c.sampler.max_new_tokens = 96
@@ -153,7 +159,7 @@ def get_config() -> mlc.ConfigDict:
     c.distributed = False  # call jax.distributed.initialize (also when JAX_COORDINATOR_ADDRESS is set)
 
     c.debug = mlc.ConfigDict()
-    c.debug.nan_at_step = -1  # inject a NaN into the loss at this step (tests of the guard)
+    c.debug.nan_at_step = -1  # NaN in the loss at this optimizer update (-2: every update; -1: off)
     return c
 
 

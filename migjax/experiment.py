@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -48,8 +49,11 @@ def build_tokenizer(c, workdir: str):
                          f"{c.task.kind!r}; only the arith task builds its own tokenizer")
     path = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        if jax.process_index() == 0:
-            build_arith_tokenizer(path, vocab_size=ARITH_VOCAB, seed=c.seed)
+        if jax.process_index() == 0:  # build aside, then rename: a crash leaves no half tokenizer
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_arith_tokenizer(tmp, vocab_size=ARITH_VOCAB, seed=c.seed)
+            os.replace(tmp, path)
         _barrier("tokenizer")
     return load_tokenizer(path)
 
@@ -114,13 +118,10 @@ def renderer(c, tokenizer):
 
 
 def arith_spec(c, variant: str) -> arith.ArithSpec:
-    spec = arith.arith_spec(variant)
-    if variant == "train":  # the config shapes the training distribution
-        a = c.task.arith
-        spec = dataclasses.replace(spec, min_steps=a.min_steps, max_steps=a.max_steps,
-                                   max_operand=a.max_operand, max_value=a.max_value,
-                                   num_distractors=a.num_distractors)
-    return spec
+    """The preset split (its seed and held-out bucket) with the config's distribution: `test`
+    shares `task.arith.train`, `ood` has `task.arith.ood`."""
+    shape = c.task.arith.ood if variant == "ood" else c.task.arith.train
+    return dataclasses.replace(arith.arith_spec(variant), **dict(shape.items()))
 
 
 def raw_examples(c, kind_path: str | None, *, limit: int | None):

@@ -20,12 +20,12 @@ def main(argv):
     import jax
 
     from migjax import trainer
-    from migjax.config_checks import validate
+    from migjax.preflight import preflight
 
     c = _CONFIG.value
     if c.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    validate(c, jax.device_count())
+    preflight(c, workdir=_WORKDIR.value)  # config, files, mesh and memory, before any work
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("migjax").setLevel(logging.INFO)
     summary = trainer.train(c, _WORKDIR.value)

@@ -64,11 +64,20 @@ def to_global(x, mesh):
 
 
 def gather(x) -> np.ndarray:
-    """The full value of a (possibly multi-process) array on this host."""
-    if jax.process_count() > 1:
+    """The full value of an array on this host: one that spans processes is gathered; a
+    host-local one (numpy, or on this process's devices) is already whole."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def concat_processes(x) -> np.ndarray:
+    """Every process's own host array `x`, concatenated in process order (on every process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def sampling_rules(c, tokenizer) -> SamplingRules:
@@ -90,7 +99,7 @@ def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh, step
     for name, data in evals.items():
         res, rows_ = evaluate(graphdef, params, data, tokenizer, verifier, rules=rules,
                               batch_size=bs, k=c.eval.pass_k, key=key,
-                              put=lambda x: to_global(gather(x), mesh))
+                              put=lambda x: to_global(x, mesh), fetch=gather)
         for k_, v in res.items():
             out[f"eval/{name}/{k_}"] = v
         rows = rows or rows_
@@ -137,12 +146,12 @@ def train(c, workdir: str) -> dict:
     writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if pid == 0 else NullWriter()
     start = ckpt.latest_step() or 0
     summary_path = os.path.join(workdir, "summary.json")
+    writer.resume(start)  # drop metrics logged after the last complete checkpoint
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
         state, extra = ckpt.restore(start, abstract)
         it.set_state(extra["data"])
-        writer.resume(start)
         before = extra["before"]
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
     else:
@@ -200,8 +209,7 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     prompts = next(it)
     g = c.rl.group_size
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), ROLLOUT), step)
-    ids = gather(jnp.asarray(prompts.example_id_B)) if jax.process_count() > 1 else \
-        np.asarray(prompts.example_id_B)
+    ids = concat_processes(prompts.example_id_B)
     toks = to_global(np.asarray(data.tokens_ExP[ids]), mesh)
     pmask = to_global(np.asarray(data.mask_ExP[ids]), mesh)
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ from migjax.rewards import watermark as wm_lib
 from migjax.train_state import TrainState, apply_if_finite
 from migjax.types import TrainBatch
 
+NAN_EVERY_UPDATE = -2  # debug.nan_at_step value that puts a NaN into the loss of every update
+
 
 @dataclasses.dataclass(frozen=True)
 class UpdateHParams:
@@ -173,7 +175,9 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
             alpha=hp.alpha, beta=hp.beta, gamma=hp.gamma, kl_coef=hp.kl_coef,
             kl_kind=hp.kl_estimator, eps_low=hp.eps_low, eps_high=hp.eps_high,
             aggregation=hp.aggregation)
-        if hp.nan_at_step >= 0:
+        if hp.nan_at_step == NAN_EVERY_UPDATE:
+            total = total + jnp.nan
+        elif hp.nan_at_step >= 0:
             total = total + jnp.where(step == hp.nan_at_step, jnp.nan, 0.0)
         m["policy/entropy"] = losses.masked_mean(ent, r["batch"].mask_NxC)
         return total, m
