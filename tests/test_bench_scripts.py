@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on the tiny preset at tiny sizes and print the documented
+JSON (keys present, numbers positive and finite); no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_KEYS = {"rollout_new_tok_s", "score_tok_s", "score_mfu_pct", "update_tok_s",
+              "update_mfu_pct", "peak_mem_gib"}
+MIG_KEYS = {"mig_fast_ms", "mig_naive_ms", "update_ms", "mig_overhead_frac",
+            "mig_fast_vs_naive_speedup"}
+
+
+def positive_finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both scripts, started together (each mostly waits on its own compiles)."""
+    d = tmp_path_factory.mktemp("bench")
+    cmds = {
+        "bench": [sys.executable, "scripts/bench.py", "--model", "tiny", "--shapes", "small",
+                  "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "4",
+                  "--score-batch", "2", "--train-batch", "2", "--seq-len", "32", "--reps", "1",
+                  "--out", str(d / "bench.json")],
+        "mig": [sys.executable, "scripts/bench_mig.py", "--model", "tiny", "--steps", "2,3",
+                "--batch", "2", "--group-size", "2", "--prompt-len", "8", "--completion-len",
+                "40", "--answer-len", "2", "--probe-len", "3", "--reps", "1",
+                "--out", str(d / "mig.json")],
+    }
+    # No timing is checked, so let XLA skip its slow backend optimisations (halves compile time).
+    xla = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=xla.strip(),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, c in cmds.items()}
+    out = {}
+    for k, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{cmds[k]} failed:\n{stderr[-3000:]}"
+        out[k] = (stdout, d)
+    return out
+
+
+def test_bench_prints_one_json_object(runs):
+    stdout, d = runs["bench"]
+    lines = [x for x in stdout.splitlines() if x.strip()]
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert set(res) == BENCH_KEYS | {"model", "params", "device", "jax"}
+    assert all(positive_finite(res[k]) for k in BENCH_KEYS)
+    assert res["model"] == "tiny" and res["params"] == 123968
+    assert json.loads((d / "bench.json").read_text()) == res
+
+
+def test_bench_mig_prints_a_line_per_k(runs):
+    stdout, d = runs["mig"]
+    rows = [json.loads(x) for x in stdout.splitlines() if x.strip()]
+    assert [r["K"] for r in rows] == [2, 3]
+    for r in rows:
+        assert MIG_KEYS <= set(r)
+        assert all(positive_finite(r[k]) for k in MIG_KEYS)
+        assert r["mig_overhead_frac"] == pytest.approx(r["mig_fast_ms"] / r["update_ms"],
+                                                       rel=1e-2)
+        # both likelihood paths computed the same l (a correctness check, not a timing one)
+        assert r["fast_naive_max_abs_diff"] < 1e-4
+    assert json.loads((d / "mig.json").read_text()) == rows
