@@ -1,7 +1,13 @@
-"""The embedded default: multi-step arithmetic, a ~1M-parameter transformer trained from scratch
-by a supervised warm start, then RL with MIG. CPU only, no downloads.
+"""The embedded default: multi-step arithmetic, a ~0.8M-parameter transformer trained from scratch
+by a supervised warm start (400 steps), then 30 RL steps with MIG. CPU only, no downloads.
 
     python -m migjax.main --config=configs/arith_tiny.py --workdir=runs/arith_tiny
+
+Expected (2-core CPU): the warm start reaches greedy pass@1 of about 0.17 in distribution and
+0.02 out of distribution. In the runs so far, RL at this budget has not raised pass@1 beyond noise:
+with 40 steps at this learning rate test pass@1 went 0.172 -> 0.164 and pass@4 0.383 -> 0.398,
+and at a 10x higher learning rate pass@1 fell (README, Results). A second run in the same workdir
+reuses the cached warm start.
 
 Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo` (see configs/base.py).
 """
@@ -27,10 +33,10 @@ def get_config(variant: str = "mig"):
     c.warmstart.batch_size = 32
     c.warmstart.lr = 3e-3
     c.warmstart.max_len = 96
-    c.rl.steps = 60
-    c.rl.batch_prompts = 8
+    c.rl.steps = 30
+    c.rl.batch_prompts = 16
     c.rl.group_size = 8
-    c.optim.lr = 1e-4
+    c.optim.lr = 5e-5
     c.optim.warmup_steps = 5
     c.mig.max_steps = 6
     c.eval.every = 0
