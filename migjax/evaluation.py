@@ -14,28 +14,30 @@ from migjax.rollout import SamplingRules, sample
 
 
 def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verifier, *,
-             rules: SamplingRules, batch_size: int, k: int, key, put=lambda x: x,
-             max_examples: int | None = None):
+             rules: SamplingRules, batch_size: int, k: int, key, put=jnp.asarray,
+             fetch=np.asarray, max_examples: int | None = None):
     """{"pass@1": greedy accuracy, "pass@k": any of k samples correct} and example rows.
 
     Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
+    `put` places a host batch (the same numpy array on every process) on the devices and
+    `fetch` brings a sampled array back whole (across processes, in a multi-process run).
     """
     n = min(len(data), max_examples or len(data))
     greedy = dataclasses.replace(rules, greedy=True)
     hits1, hitsk, rows = [], [], []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
-        toks, mask = put(jnp.asarray(data.tokens_ExP[idx])), put(jnp.asarray(data.mask_ExP[idx]))
+        toks, mask = put(data.tokens_ExP[idx]), put(data.mask_ExP[idx])
         real = min(batch_size, n - start)
         r1 = sample(graphdef, params, toks, mask, key, rules=greedy, group_size=1)
-        texts1 = _texts(tokenizer, r1)
+        texts1 = _texts(tokenizer, r1, fetch)
         ok1 = [_correct(verifier, t, data.answers[i]) for t, i in zip(texts1, idx, strict=True)]
         hits1 += ok1[:real]
         if k > 0:
             rk = sample(graphdef, params, toks, mask, jax.random.fold_in(key, start), rules=rules,
                         group_size=k)
             okk = [_correct(verifier, t, data.answers[idx[j // k]])
-                   for j, t in enumerate(_texts(tokenizer, rk))]
+                   for j, t in enumerate(_texts(tokenizer, rk, fetch))]
             hitsk += [any(okk[i * k:(i + 1) * k]) for i in range(real)]
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
@@ -47,8 +49,8 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
     return out, rows
 
 
-def _texts(tokenizer, rollout) -> list[str]:
-    toks, mask = np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC, bool)
+def _texts(tokenizer, rollout, fetch=np.asarray) -> list[str]:
+    toks, mask = np.asarray(fetch(rollout.tokens_NxC)), np.asarray(fetch(rollout.mask_NxC), bool)
     return [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(toks, mask, strict=True)]
 
 

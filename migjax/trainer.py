@@ -4,6 +4,7 @@ checkpoints, resume and metrics. The only module with side effects."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -146,6 +147,14 @@ def train(c, workdir: str) -> dict:
     writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if pid == 0 else NullWriter()
     start = ckpt.latest_step() or 0
     summary_path = os.path.join(workdir, "summary.json")
+    if start >= c.rl.steps and os.path.isfile(summary_path):
+        # Finished already: evaluating again would only log the final evaluation twice.
+        for done_with in (writer, ckpt, verifier, it):
+            done_with.close()
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
+        return summary
     writer.resume(start)  # drop metrics logged after the last complete checkpoint
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

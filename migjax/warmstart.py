@@ -100,6 +100,7 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
     if jax.process_index() == 0:
         save_params(jax.device_get(state.params), mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
+    ex._barrier("sft_model")  # the other processes load what process 0 wrote
     return out
 
 

@@ -68,7 +68,7 @@ def shrink(recipe: str, *, model_path: str = "", **extra) -> dict:
     get `model_path` (a tiny model directory), their files made absolute, 16 training records and
     long prompts truncated. `extra` (dotted keys with "." written as "__") wins."""
     o = {
-        "rl.steps": 3, "rl.batch_prompts": 4, "rl.group_size": 2, "rl.score_chunk": 256,
+        "rl.steps": 3, "rl.batch_prompts": 4, "rl.group_size": 2,
         "sampler.max_new_tokens": 64, "eval.max_new_tokens": 0, "eval.every": 0,
         "eval.batch_size": 4, "eval.pass_k": 2, "task.eval_limit": 4, "task.max_prompt_len": 64,
         "log.progress": False, "log.tensorboard": False, "log.samples_every": 0,
@@ -132,7 +132,7 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
     return path
 
 
-def build_sft_model(workdir: str, steps: int = 60, lr: float = 1e-2) -> str:
+def build_sft_model(workdir: str, steps: int = 100, lr: float = 1e-2) -> str:
     """The arith recipe's warm start on the tiny shape, long enough that sampled completions
     often hold a think block with steps (so RL gradients are not all zero). Returns the model
     directory (tokenizer included)."""
@@ -181,7 +181,7 @@ def recording(exit_at_step: int | None = None):
     from migjax import trainer
 
     rec = {"steps": [], "metrics": [], "param_digests": [], "token_digests": [], "tokens": [],
-           "params": None}
+           "param_specs": {}, "params": None}
     orig_step, orig_sample = trainer.rl_step, trainer.sample
 
     def sample(*args, **kw):
@@ -201,6 +201,8 @@ def recording(exit_at_step: int | None = None):
         rec["metrics"].append(dict(metrics))
         rec["param_digests"].append(digest(params))
         rec["params"] = params
+        rec["param_specs"] = {k: str(getattr(v.sharding, "spec", "")) for k, v in
+                              state.params.items()}
         return state, metrics
 
     trainer.rl_step, trainer.sample = rl_step, sample
@@ -271,8 +273,7 @@ def drive(spec: dict) -> None:
     if spec.get("compile_cache"):
         jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    if spec.get("coordinator"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if spec.get("coordinator"):  # CPU collectives: JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
         jax.distributed.initialize(coordinator_address=spec["coordinator"],
                                    num_processes=spec["num_processes"],
                                    process_id=spec["process_id"],
