@@ -53,6 +53,9 @@ def validate(c, device_count: int | None = None) -> None:
     if c.loss.eps_low < 0 or c.loss.eps_high < 0 or c.loss.eps_low >= 1:
         raise ValueError(f"loss.eps_low={c.loss.eps_low}, loss.eps_high={c.loss.eps_high}: need "
                          "0 <= eps_low < 1 and eps_high >= 0")
+    if c.mode == "sft" and (c.task.kind != "arith" or c.warmstart.steps < 1):
+        raise ValueError(f"mode='sft' trains on the arith task's demonstrations and needs "
+                         f"task.kind='arith' (got {c.task.kind!r}) and warmstart.steps >= 1")
     if c.rl.group_size < 2 and c.mode == "rl":
         raise ValueError(f"rl.group_size={c.rl.group_size}: group-relative advantages need >= 2")
     if c.task.kind != "arith" and not c.task.train_path:

@@ -118,8 +118,14 @@ def train(c, workdir: str) -> dict:
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = sampling_rules(c, tokenizer)
     model_path = None
-    if c.task.kind == "arith" and not c.model.path and not c.model.preset and c.model.init_from_sft:
+    if c.mode == "sft" or (c.task.kind == "arith" and not c.model.path and not c.model.preset
+                           and c.model.init_from_sft):
         model_path = run_warmstart(c, workdir, tokenizer, mesh, verifier, rules)
+    if c.mode == "sft":  # the supervised stage alone: its model directory is the output
+        verifier.close()
+        say(f"supervised model written to {model_path}")
+        return {"before": {}, "after": {}, "steps": c.warmstart.steps, "workdir": workdir,
+                "wall_s": time.time() - t_start, "export": model_path}
     graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path, workdir)
     train_data, evals, data_stats = ex.build_data(c, tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "

@@ -100,3 +100,25 @@ def test_misspelt_key_fails_on_the_command_line(tmp_path):
     assert r.returncode != 0
     assert "wattermark" in r.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_sft_mode_needs_the_arith_demonstrations():
+    c = load("gsm8k_qwen")
+    c.model.path, c.mode = "/some/model", "sft"
+    with pytest.raises(ValueError, match="mode='sft'"):
+        validate(c, 1)
+
+
+def test_sft_mode_writes_a_model_directory(tmp_path):
+    shrink = ["--config.mode=sft", "--config.warmstart.steps=2", "--config.warmstart.batch_size=4",
+              "--config.model.scratch.hidden_size=32", "--config.model.scratch.num_layers=1",
+              "--config.model.scratch.num_heads=2", "--config.model.scratch.num_kv_heads=1",
+              "--config.model.scratch.head_dim=16", "--config.model.scratch.intermediate_size=64",
+              "--config.log.progress=False"]
+    r = subprocess.run([sys.executable, "-m", "migjax.main", "--config=configs/arith_tiny.py",
+                        f"--workdir={tmp_path}", *shrink], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "sft_model"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (tmp_path / "checkpoints").exists()  # no RL ran
