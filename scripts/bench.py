@@ -1,6 +1,6 @@
 """Throughput of migjax's three jitted stages on random weights in a real model's shape: the
 sampler (new tokens/s), teacher-forced scoring (tokens/s, MFU) and a forward+backward+AdamW step
-(tokens/s, MFU). Same phases, shapes and output keys as /work/shared/bench/hf_reference.py, so the
+(tokens/s, MFU). Same phases, shapes and output keys as ../shared/bench/hf_reference.py, so the
 two JSON objects compare when run on the same accelerator.
 
     python scripts/bench.py --model qwen2.5-0.5b --out bench.json          # GPU, spec sizes

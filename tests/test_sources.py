@@ -9,7 +9,9 @@ import pytest
 
 from migjax.data.sources import DataError, Example, LoadStats, exclude_ids, load_examples
 
-DATA = "/work/shared/data"
+# The offline data sets live in shared/data beside the repository.
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                    "shared", "data")
 
 
 def _load(kind, rel, **kw):
