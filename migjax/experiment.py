@@ -8,7 +8,6 @@ import os
 import shutil
 
 import jax
-import numpy as np
 
 from migjax.data import arith
 from migjax.data.pipeline import EncodedExamples, arith_examples, encode_examples
@@ -171,7 +170,3 @@ def build_data(c, tokenizer):
 
 def stop_sequences(tokenizer, strings) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in strings if s)
-
-
-def host_array(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))

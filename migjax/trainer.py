@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 
@@ -22,15 +21,16 @@ from migjax.evaluation import evaluate
 from migjax.metrics import MetricsWriter, format_sample_table
 from migjax.models.loading import save_params
 from migjax.models.sharding import batch_sharding
+from migjax.rewards.segment import step_spans_text
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
+from migjax.rewards.watermark import watermark
 from migjax.rollout import SamplingRules, sample
 from migjax.train_state import TrainState, init_state, make_optimizer, place_state
 from migjax.update import UpdateHParams, make_update
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
-log = logging.getLogger(__name__)
 ROLLOUT, EVAL = 1, 2  # named random streams: key = fold_in(fold_in(key(seed), stream), step)
 
 
@@ -259,7 +259,6 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
 
 def log_samples(workdir, step, info, batch, metrics):
     """A text table on the console and an HTML view with per-step credit colouring."""
-    from migjax.rewards.watermark import watermark
     wm = watermark(batch.l_NxK1, batch.step_mask_NxK)
     g = np.asarray(wm.g_NxK)
     rc = np.asarray(batch.r_correct_N)
@@ -268,7 +267,6 @@ def log_samples(workdir, step, info, batch, metrics):
         rows.append({"completion": text, "pred": info["preds"][i], "ref": info["refs"][i][0],
                      "correct": rc[i], "gain": float(g[i].sum())})
         k = int(info["seg"].num_steps_N[i])
-        from migjax.rewards.segment import step_spans_text
         spans = step_spans_text(text, max_steps=k) if k else []
         html_rows.append(dict(prompt="", completion=text, reward=float(rc[i]),
                               correct=bool(rc[i] > 0.5),
