@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from migjax.data.pipeline import EncodedExamples
-from migjax.rewards.verify import Verifier, extract_answer
+from migjax.rewards.answers import extract_answer
+from migjax.rewards.verify import Verifier
 from migjax.rollout import SamplingRules, sample
 
 

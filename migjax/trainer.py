@@ -232,11 +232,9 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     rollout = jax.tree.map(gather, rollout)
     t1 = time.perf_counter()
     refs = [data.answers[i] for i in ids]
-    answers = type(prompts)(tokens_BxP=None, mask_BxP=None,
-                            answer_BxVxA=data.answer_ExVxA[ids],
-                            answer_mask_BxVxA=data.answer_mask_ExVxA[ids], example_id_B=ids)
     scorer = ref_params if c.mig.scorer == "reference" else state.params
-    batch, info = stage(graphdef, scorer, rollout, answers, refs, g)
+    batch, info = stage(graphdef, scorer, rollout, data.answer_ExVxA[ids],
+                        data.answer_mask_ExVxA[ids], refs, g)
     batch = jax.tree.map(lambda x: to_global(gather(x), mesh), batch)
     jax.block_until_ready(batch.l_NxK1)
     t2 = time.perf_counter()
@@ -253,13 +251,15 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
         "rollout/len": n_new / len(info["texts"]),
     })
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
-        log_samples(workdir, step + 1, info, batch, metrics)
+        log_samples(c, workdir, step + 1, info, batch)
     return state, metrics
 
 
-def log_samples(workdir, step, info, batch, metrics):
-    """A text table on the console and an HTML view with per-step credit colouring."""
-    wm = watermark(batch.l_NxK1, batch.step_mask_NxK)
+def log_samples(c, workdir, step, info, batch):
+    """A text table on the console and an HTML view with per-step credit colouring (the gains
+    g_k under the run's watermark settings, as the update computed them)."""
+    l = batch.l_NxK1 if c.mig.likelihood_space == "log" else jnp.exp(batch.l_NxK1)
+    wm = watermark(l, batch.step_mask_NxK, h0=c.mig.h0, monotonic=c.mig.watermark)
     g = np.asarray(wm.g_NxK)
     rc = np.asarray(batch.r_correct_N)
     rows, html_rows = [], []

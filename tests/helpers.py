@@ -29,6 +29,29 @@ STEP_METRICS = (
 LOSS_METRICS = ("loss/total", "loss/process", "loss/outcome", "loss/sft")
 
 
+# ----------------------------------------------------------------------------- tiny models
+
+
+def random_params(cfg, seed=0, scale=0.15):
+    """(graphdef, params) of the decoder `cfg` with random weights large enough that next-token
+    distributions are far from uniform (greedy choices have clear margins), and random norms and
+    biases so that every parameter matters. Built with numpy on the abstract module (eager random
+    init costs many small compilations)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from migjax.models import Transformer, split
+
+    graphdef, shapes = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.RandomState(seed)
+    params = {}
+    for name, s in sorted(shapes.items()):
+        noise = scale * rng.randn(*s.shape).astype(np.float32)
+        params[name] = jnp.asarray(1.0 + noise if "norm" in name else noise)
+    return graphdef, params
+
+
 # ----------------------------------------------------------------------------- configs
 
 

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import random_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migjax.data.arith import ArithTask, arith_spec, format_prompt
 from migjax.data.tokenizer import build_arith_tokenizer, token_strings
-from migjax.models import PRESETS, Transformer, merge, split
+from migjax.models import PRESETS, merge
 from migjax.models.scoring import token_logprobs
 from migjax.rewards.mig import (
     VARIANT_REDUCTIONS,
@@ -29,18 +29,6 @@ CFG = PRESETS["tiny"]
 N, P, C, K1, NV, A, Q = 3, 5, 9, 4, 2, 3, 2
 PROBE = "\n</think>\n<answer>"
 
-
-def random_params(cfg, seed=0, scale=0.15):
-    """(graphdef, params) of `cfg` with random weights large enough that next-token distributions
-    are far from uniform, and random norms and biases. Built with numpy on the abstract module
-    (eager random init costs many small compilations)."""
-    graphdef, shapes = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.RandomState(seed)
-    params = {}
-    for name, s in sorted(shapes.items()):
-        noise = scale * rng.randn(*s.shape).astype(np.float32)
-        params[name] = jnp.asarray(1.0 + noise if "norm" in name else noise)
-    return graphdef, params
 
 
 def np_reduce(l_NxK1xV, valid_NxV, how):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
+from helpers import random_params
 
-from migjax.models import PRESETS, KVCache, Transformer, load_pretrained, merge, split
+from migjax.models import PRESETS, KVCache, load_pretrained, merge, split
 from migjax.models.scoring import token_logprobs
 from migjax.models.transformer import cache_mask, positions_from_mask
 from migjax.rollout import SamplingRules, filter_logits, sample
@@ -23,18 +23,6 @@ GREEDY = SamplingRules(max_new_tokens=C, greedy=True)
 SAMPLE_T1 = SamplingRules(max_new_tokens=C, temperature=1.0)
 SAMPLE_T07 = SamplingRules(max_new_tokens=C, temperature=0.7)
 
-
-def random_params(cfg, seed=0, scale=0.15):
-    """(graphdef, params) of `cfg` with random weights large enough that next-token distributions
-    are far from uniform (greedy choices have clear margins), and random norms and biases. Built
-    with numpy on the abstract module (eager random init costs many small compilations)."""
-    graphdef, shapes = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.RandomState(seed)
-    params = {}
-    for name, s in sorted(shapes.items()):
-        noise = scale * rng.randn(*s.shape).astype(np.float32)
-        params[name] = jnp.asarray(1.0 + noise if "norm" in name else noise)
-    return graphdef, params
 
 
 def left_pad(rows, width, pad_id=0):

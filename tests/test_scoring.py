@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import random_params
 
-from migjax.models import PRESETS, Transformer, merge, split
+from migjax.models import PRESETS, merge
 from migjax.models.scoring import chunked_logprobs, token_logprobs
 from migjax.models.transformer import causal_inputs
 
@@ -18,18 +18,6 @@ N, T = 3, 13
 PADS = (0, 4, 9)  # left padding of each row
 CHUNK = 5  # does not divide T - 1 = 12
 
-
-def random_params(cfg, seed=0, scale=0.15):
-    """(graphdef, params) of `cfg` with random weights large enough that next-token distributions
-    are far from uniform, and random norms and biases so that every parameter matters. Built with
-    numpy on the abstract module (eager random init costs many small compilations)."""
-    graphdef, shapes = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.RandomState(seed)
-    params = {}
-    for name, s in sorted(shapes.items()):
-        noise = scale * rng.randn(*s.shape).astype(np.float32)
-        params[name] = jnp.asarray(1.0 + noise if "norm" in name else noise)
-    return graphdef, params
 
 
 def np_log_softmax(x):

@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migjax.rewards.verify import (
-    Verifier,
-    answer_variants,
-    extract_answer,
-    format_reward,
-    normalize_number,
-    outcome_rewards,
-)
+from migjax.rewards.answers import answer_variants, extract_answer, normalize_number
+from migjax.rewards.verify import Verifier, format_reward, outcome_rewards
 
 PATHOLOGICAL = "9^{9^{9^{9}}}"  # sympy tries to evaluate the tower and never returns
 

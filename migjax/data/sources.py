@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
-from migjax.rewards.verify import answer_variants, extract_answer, normalize_number
+from migjax.rewards.answers import answer_variants, extract_answer, normalize_number
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from migjax.models import merge
 from migjax.rewards import mig
 from migjax.rewards.segment import Segmentation, segment_completions
 from migjax.rewards.verify import Verifier, outcome_rewards
-from migjax.types import PromptBatch, Rollout, TrainBatch
+from migjax.types import Rollout, TrainBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +62,11 @@ class RewardStage:
                                    self.token_strings, max_steps=self.rules.max_steps,
                                    delimiter=self.rules.delimiter)
 
-    def __call__(self, graphdef, scorer_params, rollout: Rollout, prompts: PromptBatch,
-                 refs_B: list[tuple[str, ...]], group_size: int):
-        """(TrainBatch, info): info holds texts, predictions and the segmentation."""
+    def __call__(self, graphdef, scorer_params, rollout: Rollout, answer_BxVxA,
+                 answer_mask_BxVxA, refs_B: list[tuple[str, ...]], group_size: int):
+        """(TrainBatch, info) for the rollout of B prompts whose reference answers are
+        `answer_BxVxA` (tokens) and `refs_B` (strings); info holds texts, predictions and the
+        segmentation."""
         seg = self.segment(rollout)
         texts = self.texts(rollout.tokens_NxC, rollout.mask_NxC)
         refs_N = [refs_B[i // group_size] for i in range(len(texts))]
@@ -73,7 +75,7 @@ class RewardStage:
         rep = lambda x: jnp.repeat(jnp.asarray(x), group_size, axis=0)
         args = (rollout.prompt_NxP, rollout.prompt_mask_NxP, rollout.tokens_NxC,
                 rollout.mask_NxC, jnp.asarray(seg.cuts_NxK1), self.probe_Q,
-                rep(prompts.answer_BxVxA), rep(prompts.answer_mask_BxVxA))
+                rep(answer_BxVxA), rep(answer_mask_BxVxA))
         if self.rules.fast:
             l_NxK1 = score_steps(graphdef, scorer_params, *args, rules=self.rules)
         else:
