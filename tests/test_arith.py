@@ -232,3 +232,28 @@ def test_property_any_spec(
     assert {s.split()[3] for s in steps} <= set(ops)
     assert len(parse_question(item.question)[2]) <= n_distractors
     assert arith.make_item(spec, index) == item
+
+
+def test_chain_is_valid():
+    ok = "<think>\nStep 1: 3 + 7 = 10\nStep 2: 10 * 2 = 20\nStep 3: 20 - 9 = 11\n</think>"
+    assert arith.chain_is_valid(ok)
+    assert arith.chain_is_valid(arith.make_item(arith.arith_spec("train"), 5).solution)
+    assert not arith.chain_is_valid(ok.replace("= 10", "= 11"))  # wrong arithmetic
+    assert not arith.chain_is_valid(ok.replace("Step 2: 10", "Step 2: 12").replace("= 20", "= 24"))
+    assert not arith.chain_is_valid("<think>\n</think>\n<answer>10</answer>")  # no step
+    assert not arith.chain_is_valid("Step 1: 3 + 7 = 10 and more")  # not a whole step line
+
+
+def test_chain_stats_counts_lucky_answers():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "arith_chains.py")
+    spec = importlib.util.spec_from_file_location("arith_chains", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    good = "<think>\nStep 1: 3 + 7 = 10\n</think>\n<answer>10</answer>"
+    lucky = "<think>\nStep 1: 3 + 7 = 11\n</think>\n<answer>10</answer>"
+    wrong = "<think>\nStep 1: 3 + 7 = 10\n</think>\n<answer>12</answer>"
+    got = mod.chain_stats([good, lucky, wrong, "garbage"], ["10", "10", "10", "10"])
+    assert got == dict(samples=4, correct=2, valid_chain=2, correct_and_valid=1, lucky=1)

@@ -73,3 +73,16 @@ def test_bench_mig_prints_a_line_per_k(runs):
         # both likelihood paths computed the same l (a correctness check, not a timing one)
         assert r["fast_naive_max_abs_diff"] < 1e-4
     assert json.loads((d / "mig.json").read_text()) == rows
+
+
+def test_arith_chains_prints_consistent_counts(sft_model):
+    """scripts/arith_chains.py samples the warm-started model and prints counts that add up."""
+    cmd = [sys.executable, "scripts/arith_chains.py", "--model", sft_model, "--prompts", "4",
+           "--group_size", "2", "--config.task.arith.train_size=16",
+           "--config.task.eval_limit=2", "--config.sampler.max_new_tokens=48"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["samples"] == 8
+    assert res["correct"] == res["correct_and_valid"] + res["lucky"]
+    assert 0 <= res["correct_and_valid"] <= min(res["correct"], res["valid_chain"])

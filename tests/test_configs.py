@@ -122,3 +122,22 @@ def test_sft_mode_writes_a_model_directory(tmp_path):
     out = tmp_path / "sft_model"
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not (tmp_path / "checkpoints").exists()  # no RL ran
+
+
+def test_arith_tiny_lengths_cover_its_task(tmp_path):
+    """The embedded default's warm start keeps every demonstration (a dropped long one leaves RL
+    prompts the supervised stage never saw) and the sampler can write every solution."""
+    from migjax import experiment as ex
+    from migjax.data import arith
+    from migjax.warmstart import encode_demos
+
+    c = load("arith_tiny")
+    tok = ex.build_tokenizer(c, str(tmp_path))
+    render = ex.renderer(c, tok)
+    task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
+    items = [task[i] for i in range(0, c.task.arith.train_size, 10)]
+    _, dropped = encode_demos(tok, [render(it.question) for it in items],
+                              [it.solution for it in items], c.warmstart.max_len)
+    assert dropped == 0
+    longest = max(len(tok.encode(it.solution, add_special_tokens=False)) for it in items)
+    assert longest <= c.sampler.max_new_tokens

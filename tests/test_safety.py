@@ -142,7 +142,9 @@ def test_trainer_sample_pages_escape_model_output(tmp_path):
                                               np.float32),
                             step_mask_NxK=np.asarray([[True, True], [False, False]]),
                             r_correct_N=np.asarray([1.0, 0.0], np.float32))
-    trainer.log_samples(str(tmp_path), 7, info, batch, {})
+    from configs.base import get_config
+
+    trainer.log_samples(get_config(), str(tmp_path), 7, info, batch)
     page = tmp_path / "samples" / "step_000007.html"
     raw = page.read_text(encoding="utf-8")
     assert "<script" not in raw.lower() and "<img" not in raw.lower()
@@ -251,3 +253,25 @@ def test_sigkill_during_atomic_writes_leaves_a_complete_version(tmp_path):
         lines = path.read_text().split("\n")
         assert lines[-1] == "" and len(lines) == 20001
         assert len(set(lines[:-1])) == 1 and lines[0].startswith("version ")
+
+
+def test_trainer_sample_pages_use_the_runs_watermark_settings(tmp_path):
+    """The credit shown per step is the g_k the update used: with `mig.watermark=False` a step
+    that lowers the answer likelihood shows a negative gain instead of 0."""
+    from configs.base import get_config
+
+    completion = "<think>\nStep 1: 3 + 4 = 7\nStep 2: 7 + 1 = 8\n</think>\n<answer>8</answer>"
+    seg = SimpleNamespace(num_steps_N=np.asarray([2], np.int32))
+    info = {"texts": [completion], "preds": ["8"], "refs": [["8"]], "seg": seg}
+    batch = SimpleNamespace(l_NxK1=np.asarray([[-3.0, -1.0, -2.0]], np.float32),
+                            step_mask_NxK=np.asarray([[True, True]]),
+                            r_correct_N=np.asarray([1.0], np.float32))
+    pages = {}
+    for watermark in (True, False):
+        c = get_config()
+        c.mig.watermark = watermark
+        trainer.log_samples(c, str(tmp_path / str(watermark)), 3, info, batch)
+        with open(tmp_path / str(watermark) / "samples" / "step_000003.html", encoding="utf-8") as f:
+            pages[watermark] = f.read()
+    assert "g=2.0000" in pages[True] and "g=0.0000" in pages[True]
+    assert "g=2.0000" in pages[False] and "g=-1.0000" in pages[False]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 
@@ -222,3 +223,19 @@ def corpus(spec: ArithSpec, n: int, start: int = 0) -> list[str]:
     """Prompt + solution texts of items start..start+n-1, for tokenizer training."""
     return [format_prompt(it.question) + it.solution
             for it in (make_item(spec, i) for i in range(start, start + n))]
+
+
+_STEP_RE = re.compile(r"(?m)^Step \d+: (-?\d+) ([-+*]) (-?\d+) = (-?\d+)\s*$")
+
+
+def chain_is_valid(text: str) -> bool:
+    """Whether a completion's "Step n: a op b = c" lines are all arithmetically right and chained
+    (each step starts from the previous result). It does not check that the operands are the
+    question's: a valid chain can still answer another question. A completion with no step line
+    is not valid."""
+    steps = [(int(a), o, int(b), int(c)) for a, o, b, c in _STEP_RE.findall(text)]
+    if not steps:
+        return False
+    if any(apply_op(a, o, b) != c for a, o, b, c in steps):
+        return False
+    return all(nxt[0] == prev[3] for prev, nxt in zip(steps, steps[1:], strict=False))
