@@ -20,7 +20,7 @@ from migjax.data.tokenizer import token_strings
 from migjax.evaluation import evaluate
 from migjax.metrics import MetricsWriter, format_sample_table
 from migjax.models.loading import save_params
-from migjax.models.sharding import batch_sharding
+from migjax.models.sharding import batch_sharding, gather
 from migjax.rewards.segment import step_spans_text
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
@@ -62,15 +62,6 @@ def to_global(x, mesh):
     x = np.asarray(x)
     sh = batch_sharding(mesh, x.ndim)
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-
-def gather(x) -> np.ndarray:
-    """The full value of an array on this host: one that spans processes is gathered; a
-    host-local one (numpy, or on this process's devices) is already whole."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def concat_processes(x) -> np.ndarray:
@@ -207,10 +198,12 @@ def train(c, workdir: str) -> dict:
     verifier.close()
     summary = {"before": before, "after": after, "steps": c.rl.steps, "workdir": workdir,
                "wall_s": time.time() - t_start}
+    # every process takes part in gathering parameters sharded across hosts; process 0 writes
+    host_params = jax.tree.map(gather, state.params) if c.checkpoint.export_hf else None
     if pid == 0:
         if c.checkpoint.export_hf:
             export = os.path.join(workdir, "export")
-            save_params(jax.device_get(state.params), mcfg, export, tokenizer=tokenizer)
+            save_params(host_params, mcfg, export, tokenizer=tokenizer)
             summary["export"] = export
         write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
             [dict(r, reward=float(r["correct"])) for r in rows[:32]], title="Evaluation samples"))

@@ -67,7 +67,7 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
     from migjax import experiment as ex
     from migjax.data import arith
     from migjax.models.loading import save_params
-    from migjax.models.sharding import batch_sharding
+    from migjax.models.sharding import batch_sharding, gather
     from migjax.train_state import init_state, place_state
 
     out = os.path.join(workdir, "sft_model")
@@ -97,8 +97,9 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
         state, m = step_fn(state, put(tokens[idx]), put(mask[idx]), put(loss_mask[idx]))
         if s % 20 == 0 or s == w.steps - 1:
             bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+    host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
     if jax.process_index() == 0:
-        save_params(jax.device_get(state.params), mcfg, out + ".tmp", tokenizer=tokenizer)
+        save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
     ex._barrier("sft_model")  # the other processes load what process 0 wrote
     return out

@@ -25,7 +25,8 @@ def free_port() -> int:
 
 def test_two_processes_train_in_lockstep(tmp_path):
     # A warm start long enough that the RL updates are not zero (see helpers.build_sft_model).
-    ov = helpers.shrink("arith_tiny", rl__steps=2, warmstart__steps=100, warmstart__lr=1e-2)
+    ov = helpers.shrink("arith_tiny", rl__steps=2, warmstart__steps=100, warmstart__lr=1e-2,
+                        checkpoint__export_hf=True)
     # No persistent compilation cache here: a process that loads a program while the other
     # compiles it can reach the first collective long before the other, past gloo's 30 s wait.
     env = helpers.subprocess_env(None, xla_flags="--xla_backend_optimization_level=0")
@@ -81,4 +82,11 @@ def test_two_processes_train_in_lockstep(tmp_path):
     with open(work / "summary.json", encoding="utf-8") as f:
         assert json.load(f)["after"] == a["summary"]["after"]
     assert os.path.isfile(work / "sft_model" / "config.json")
+    # the exported policy (gathered from both processes, written by process 0) is the final state
+    from migjax.models import load_pretrained, split
+
+    _, exported = split(load_pretrained(str(work / "export"))[0])
+    with np.load(tmp_path / "rec0.json.npz") as p0:
+        for k in p0.files:
+            np.testing.assert_array_equal(np.asarray(exported[k]), p0[k], err_msg=k)
     assert sorted(d for d in os.listdir(work / "checkpoints") if d.isdigit()) == ["2"]

@@ -108,3 +108,12 @@ def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     entry = spec[0] if len(spec) else None
     names = (entry,) if isinstance(entry, str) else tuple(entry or ())
     return int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
+
+
+def gather(x) -> np.ndarray:
+    """The full value of an array on this host: one that spans processes is gathered; a
+    host-local one (numpy, or on this process's devices) is already whole."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
