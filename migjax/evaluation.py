@@ -31,14 +31,14 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
         toks, mask = put(data.tokens_ExP[idx]), put(data.mask_ExP[idx])
         real = min(batch_size, n - start)
         r1 = sample(graphdef, params, toks, mask, key, rules=greedy, group_size=1)
-        texts1 = _texts(tokenizer, r1, fetch)
+        texts1 = completion_texts(tokenizer, r1, fetch)
         ok1 = [_correct(verifier, t, data.answers[i]) for t, i in zip(texts1, idx, strict=True)]
         hits1 += ok1[:real]
         if k > 0:
             rk = sample(graphdef, params, toks, mask, jax.random.fold_in(key, start), rules=rules,
                         group_size=k)
             okk = [_correct(verifier, t, data.answers[idx[j // k]])
-                   for j, t in enumerate(_texts(tokenizer, rk, fetch))]
+                   for j, t in enumerate(completion_texts(tokenizer, rk, fetch))]
             hitsk += [any(okk[i * k:(i + 1) * k]) for i in range(real)]
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
@@ -50,7 +50,8 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
     return out, rows
 
 
-def _texts(tokenizer, rollout, fetch=np.asarray) -> list[str]:
+def completion_texts(tokenizer, rollout, fetch=np.asarray) -> list[str]:
+    """The decoded completions of a rollout (special tokens dropped), one per sample."""
     toks, mask = np.asarray(fetch(rollout.tokens_NxC)), np.asarray(fetch(rollout.mask_NxC), bool)
     return [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(toks, mask, strict=True)]
 

@@ -24,10 +24,9 @@ from migjax.models.sharding import batch_sharding, gather
 from migjax.rewards.segment import step_spans_text
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
-from migjax.rewards.watermark import watermark
 from migjax.rollout import SamplingRules, sample
 from migjax.train_state import TrainState, init_state, make_optimizer, place_state
-from migjax.update import UpdateHParams, make_update
+from migjax.update import UpdateHParams, make_update, step_watermark
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
@@ -251,8 +250,7 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
 def log_samples(c, workdir, step, info, batch):
     """A text table on the console and an HTML view with per-step credit colouring (the gains
     g_k under the run's watermark settings, as the update computed them)."""
-    l = batch.l_NxK1 if c.mig.likelihood_space == "log" else jnp.exp(batch.l_NxK1)
-    wm = watermark(l, batch.step_mask_NxK, h0=c.mig.h0, monotonic=c.mig.watermark)
+    _, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, UpdateHParams.from_config(c))
     g = np.asarray(wm.g_NxK)
     rc = np.asarray(batch.r_correct_N)
     rows, html_rows = [], []

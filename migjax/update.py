@@ -71,10 +71,15 @@ class UpdateHParams:
             nan_at_step=c.debug.nan_at_step)
 
 
+def step_watermark(l_NxK1, step_mask_NxK, hp: UpdateHParams) -> tuple[jax.Array, wm_lib.Watermark]:
+    """(l in the configured likelihood space, the watermark record) of a batch's likelihoods."""
+    l = l_NxK1 if hp.likelihood_space == "log" else jnp.exp(l_NxK1)
+    return l, wm_lib.watermark(l, step_mask_NxK, h0=hp.h0, monotonic=hp.watermark)
+
+
 def credit(batch: TrainBatch, hp: UpdateHParams):
     """Watermark, rewards, advantage streams and SFT gate of a rollout batch (pure)."""
-    l = batch.l_NxK1 if hp.likelihood_space == "log" else jnp.exp(batch.l_NxK1)
-    wm = wm_lib.watermark(l, batch.step_mask_NxK, h0=hp.h0, monotonic=hp.watermark)
+    l, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, hp)
     gains_N = wm_lib.gain_sum(wm)
     r_out_N = batch.r_correct_N + hp.w_format * batch.r_format_N
     norm = dict(estimator=hp.estimator, std_normalize=hp.std_normalize)

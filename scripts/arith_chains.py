@@ -52,9 +52,9 @@ def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from migjax import experiment as ex
+    from migjax.evaluation import completion_texts
     from migjax.rollout import sample
     from migjax.trainer import sampling_rules
 
@@ -69,8 +69,7 @@ def main(argv):
     rollout = sample(graphdef, params, jnp.asarray(train.tokens_ExP[:n]),
                      jnp.asarray(train.mask_ExP[:n]), jax.random.key(_SEED.value),
                      rules=sampling_rules(c, tok), group_size=_GROUP.value)
-    texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in
-             zip(np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC, bool), strict=True)]
+    texts = completion_texts(tok, rollout)
     refs = [train.answers[i // _GROUP.value][0] for i in range(len(texts))]
     print(json.dumps(chain_stats(texts, refs)))
 
