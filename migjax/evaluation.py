@@ -17,7 +17,8 @@ from migjax.rollout import SamplingRules, sample
 def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verifier, *,
              rules: SamplingRules, batch_size: int, k: int, key, put=jnp.asarray,
              fetch=np.asarray, max_examples: int | None = None):
-    """{"pass@1": greedy accuracy, "pass@k": any of k samples correct} and example rows.
+    """{"pass@1": greedy accuracy, "pass@k": any of k samples correct, "mean@k": the fraction
+    of the k samples that are correct (the sampling policy's own accuracy)} and example rows.
 
     Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
     `put` places a host batch (the same numpy array on every process) on the devices and
@@ -25,7 +26,7 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
     """
     n = min(len(data), max_examples or len(data))
     greedy = dataclasses.replace(rules, greedy=True)
-    hits1, hitsk, rows = [], [], []
+    hits1, hitsk, meank, rows = [], [], [], []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
         toks, mask = put(data.tokens_ExP[idx]), put(data.mask_ExP[idx])
@@ -40,6 +41,7 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
             okk = [_correct(verifier, t, data.answers[idx[j // k]])
                    for j, t in enumerate(completion_texts(tokenizer, rk, fetch))]
             hitsk += [any(okk[i * k:(i + 1) * k]) for i in range(real)]
+            meank += [float(np.mean(okk[i * k:(i + 1) * k])) for i in range(real)]
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
                          reference=data.answers[i][0] if data.answers[i] else "")
@@ -47,6 +49,7 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
     out = {"pass@1": float(np.mean(hits1)) if hits1 else 0.0}
     if k > 0:
         out[f"pass@{k}"] = float(np.mean(hitsk)) if hitsk else 0.0
+        out[f"mean@{k}"] = float(np.mean(meank)) if meank else 0.0
     return out, rows
 
 

@@ -165,7 +165,8 @@ def build_data(c, tokenizer):
     evals = {}
     for name, spec in eval_sets(c).items():
         evals[name], _ = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
-    return train, evals, stats
+        evals[name] = evals[name].trimmed()
+    return train.trimmed(), evals, stats
 
 
 def stop_sequences(tokenizer, strings) -> tuple[tuple[int, ...], ...]:

@@ -163,8 +163,13 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
                                                   hp.temperature)
 
     # Log-probs of the policy that sampled (the parameters before this update), per minibatch.
-    old_logp = jax.lax.map(lambda b: lp_fn(state.params, b)[0], jax.tree.map(split, batch))
-    old_logp_NxC = jax.lax.stop_gradient(old_logp.reshape(n, -1))
+    # With a single optimizer step they equal the loss's own log-probs, so the loss takes those
+    # (without gradient) and this extra forward pass is skipped.
+    single = hp.epochs * hp.minibatches == 1
+    old_logp_NxC = None
+    if not single:
+        old_logp = jax.lax.map(lambda b: lp_fn(state.params, b)[0], jax.tree.map(split, batch))
+        old_logp_NxC = jax.lax.stop_gradient(old_logp.reshape(n, -1))
     ref_logp_NxC = None
     if ref_params is not None:
         ref = jax.lax.map(lambda b: lp_fn(ref_params, b)[0], jax.tree.map(split, batch))
@@ -173,9 +178,10 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
 
     def loss_fn(params, r, step):
         logp, ent = lp_fn(params, r["batch"])
+        old = jax.lax.stop_gradient(logp) if single else r["old"]
         s = r["streams"]
         total, m = losses.objective(
-            logp, r["old"], s.adv_process_NxC, s.mask_process_NxC, s.adv_outcome_NxC,
+            logp, old, s.adv_process_NxC, s.mask_process_NxC, s.adv_outcome_NxC,
             s.mask_outcome_NxC, r["batch"].mask_NxC, r["sft"], ref_logp_NxC=r["ref"],
             alpha=hp.alpha, beta=hp.beta, gamma=hp.gamma, kl_coef=hp.kl_coef,
             kl_kind=hp.kl_estimator, eps_low=hp.eps_low, eps_high=hp.eps_high,
@@ -185,6 +191,8 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
         elif hp.nan_at_step >= 0:
             total = total + jnp.where(step == hp.nan_at_step, jnp.nan, 0.0)
         m["policy/entropy"] = losses.masked_mean(ent, r["batch"].mask_NxC)
+        m["policy/sampler_trainer_logp_absdiff"] = losses.masked_mean(
+            jnp.abs(r["batch"].sampler_logp_NxC - old), r["batch"].mask_NxC)
         return total, m
 
     def one_step(state: TrainState, r):
@@ -204,6 +212,4 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
     metrics = jax.tree.map(jnp.mean, m)
     metrics.update(stats)
     metrics["update/skipped"] = jnp.sum(m["update/skipped"])
-    metrics["policy/sampler_trainer_logp_absdiff"] = losses.masked_mean(
-        jnp.abs(batch.sampler_logp_NxC - old_logp_NxC), batch.mask_NxC)
     return state, metrics

@@ -63,6 +63,20 @@ def test_prompts_left_padded_with_masks(tok, enc):
     assert enc.tokens_ExP.dtype == np.int32 and enc.mask_ExP.dtype == bool
 
 
+def test_trimmed_drops_only_unused_pad_columns(tok, enc):
+    longest = int(enc.mask_ExP.sum(axis=1).max())
+    assert longest < 56  # the fixture pads to 64: there is something to trim
+    t = enc.trimmed(multiple=8)
+    width = t.tokens_ExP.shape[1]
+    assert width % 8 == 0 and longest <= width < longest + 8
+    np.testing.assert_array_equal(t.tokens_ExP, enc.tokens_ExP[:, -width:])
+    np.testing.assert_array_equal(t.mask_ExP, enc.mask_ExP[:, -width:])
+    assert not enc.mask_ExP[:, :-width].any()  # nothing real was cut
+    assert t.answers == enc.answers and repr(t) != repr(enc)
+    assert t.trimmed(multiple=8) is t
+    assert enc.trimmed(multiple=64) is enc
+
+
 def test_answer_tokens_are_the_in_context_tokens(tok, enc):
     """The stored answer is exactly the token run between <answer> and </answer> in a solution."""
     open_id, close_id = _ids(tok, "<answer>")[0], _ids(tok, "</answer>")[0]

@@ -42,7 +42,8 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     lines = read_lines(workdir)
     train_lines = [r for r in lines if "reward/correct" in r]
     assert [r["step"] for r in train_lines] == list(range(1, steps + 1))
-    eval_keys = {f"eval/{n}/pass@{k}" for n in eval_names for k in (1, pass_k)}
+    eval_keys = {f"eval/{n}/{m}" for n in eval_names
+                 for m in ("pass@1", f"pass@{pass_k}", f"mean@{pass_k}")}
     for r, metrics in zip(train_lines, rec["metrics"], strict=True):
         missing = [k for k in helpers.STEP_METRICS + helpers.LOSS_METRICS if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
@@ -124,6 +125,10 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
         assert m, f"no row {key} in:\n{out}"
         assert float(m.group(1)) == pytest.approx(summary["before"][key], abs=5e-4)
         assert float(m.group(2)) == pytest.approx(summary["after"][key], abs=5e-4)
+    for when in ("before", "after"):  # a sample is right no more often than any of k is
+        for name in ("test", "ood"):
+            mean, any_k = summary[when][f"eval/{name}/mean@2"], summary[when][f"eval/{name}/pass@2"]
+            assert 0.0 <= mean <= any_k <= 2 * mean + 1e-9
     assert f"metrics      {tmp_path / 'metrics.jsonl'}" in out
     assert [r["step"] for r in read_lines(tmp_path)] == [1, 2, 2]
 
@@ -171,7 +176,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path, tiny_model, compile
     for line in bad_lines:  # each skipped record is named by file and line
         assert f"{train_file}:{line}: skipped record" in text
     assert re.search(rf"{re.escape(str(eval_file))}: skipped 1 malformed records", text)
-    assert set(summary["after"]) == {"eval/mine/pass@1", "eval/mine/pass@2"}
+    assert set(summary["after"]) == {"eval/mine/pass@1", "eval/mine/pass@2", "eval/mine/mean@2"}
 
     strict = dict(ov, **{"task.strict": True})
     with pytest.raises(DataError, match=re.escape(f"{train_file}:{bad_lines[0]}: invalid JSON")):

@@ -83,6 +83,17 @@ class EncodedExamples:
         h.update("\0".join(self.ids).encode("utf-8", "surrogatepass"))
         return h.hexdigest()[:16]
 
+    def trimmed(self, multiple: int = 8) -> EncodedExamples:
+        """The same examples without the leading pad columns that no prompt uses (the width is
+        rounded up to `multiple`): sampling and scoring cost grow with the prompt width."""
+        p = self.tokens_ExP.shape[1]
+        longest = int(self.mask_ExP.sum(axis=1).max(initial=0))
+        width = min(p, max(multiple, -(-longest // multiple) * multiple))
+        if width == p:
+            return self
+        return dataclasses.replace(self, tokens_ExP=self.tokens_ExP[:, p - width:],
+                                   mask_ExP=self.mask_ExP[:, p - width:])
+
     def __repr__(self) -> str:  # stable across runs: grain restores in-memory sources by repr
         e, v, a = self.answer_ExVxA.shape
         return f"EncodedExamples(E={e}, P={self.tokens_ExP.shape[1]}, V={v}, A={a}, {self.digest})"
