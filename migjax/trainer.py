@@ -30,7 +30,10 @@ from migjax.update import UpdateHParams, make_update, step_watermark
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
-ROLLOUT, EVAL = 1, 2  # named random streams: key = fold_in(fold_in(key(seed), stream), step)
+# Named random streams. Rollouts: fold_in(fold_in(key(seed), ROLLOUT), step). Evaluations all use
+# fold_in(key(seed), EVAL): the same sampling noise before, during and after RL, so a change in
+# pass@k or mean@k comes from the parameters.
+ROLLOUT, EVAL = 1, 2
 
 
 class NonFiniteError(RuntimeError):
@@ -81,9 +84,19 @@ def sampling_rules(c, tokenizer) -> SamplingRules:
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
 
 
-def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh, step):
+def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
+    """The host-side reward stage (verification, segmentation, step likelihoods) of a config."""
+    return RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
+                       probe=c.mig.probe, verifier=verifier,
+                       rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
+                                      variant_reduce=c.mig.variant_reduce,
+                                      count_closing_tokens=c.mig.count_closing_tokens,
+                                      chunk=c.rl.score_chunk, fast=c.mig.fast))
+
+
+def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh):
     out, rows = {}, []
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), EVAL), step)
+    key = jax.random.fold_in(jax.random.key(c.seed), EVAL)
     bs = c.eval.batch_size
     if c.eval.max_new_tokens:
         rules = dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens)
@@ -129,12 +142,7 @@ def train(c, workdir: str) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None
     hp = UpdateHParams.from_config(c)
     update_fn = make_update(graphdef, optimizer, hp, shardings)
-    stage = RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
-                        probe=c.mig.probe, verifier=verifier,
-                        rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
-                                       variant_reduce=c.mig.variant_reduce,
-                                       count_closing_tokens=c.mig.count_closing_tokens,
-                                       chunk=c.rl.score_chunk, fast=c.mig.fast))
+    stage = reward_stage(c, tokenizer, mcfg, verifier)
     nproc, pid = jax.process_count(), jax.process_index()
     it = make_iterator(train_data, batch_size=c.rl.batch_prompts // nproc, seed=c.seed,
                        shard_index=pid, shard_count=nproc)
@@ -161,7 +169,7 @@ def train(c, workdir: str) -> dict:
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
     else:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
-                              mesh, 0)
+                              mesh)
         say("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())))
 
     bar = tqdm(range(start, c.rl.steps), initial=start, total=c.rl.steps, desc="rl",
@@ -178,7 +186,7 @@ def train(c, workdir: str) -> dict:
         done = step + 1
         if c.eval.every and done % c.eval.every == 0 and done < c.rl.steps:
             ev, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
-                              mesh, done)
+                              mesh)
             metrics.update(ev)
         if done % c.log.every == 0 or done == c.rl.steps:
             metrics["time/elapsed_s"] = time.time() - t_start
@@ -188,8 +196,7 @@ def train(c, workdir: str) -> dict:
         if done % c.checkpoint.every == 0 or done == c.rl.steps:
             ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
     ckpt.wait()
-    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c, mesh,
-                            c.rl.steps)
+    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c, mesh)
     writer.write(c.rl.steps, {**{k: v for k, v in after.items()}, "time/elapsed_s":
                               time.time() - t_start})
     writer.close()

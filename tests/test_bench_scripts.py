@@ -86,3 +86,25 @@ def test_arith_chains_prints_consistent_counts(sft_model):
     assert res["samples"] == 8
     assert res["correct"] == res["correct_and_valid"] + res["lucky"]
     assert 0 <= res["correct_and_valid"] <= min(res["correct"], res["valid_chain"])
+
+
+def test_rl_probe_measures_with_common_random_numbers(sft_model):
+    """scripts/rl_probe.py: with lr 0 the parameters never move, so every measurement (the same
+    sampling keys each time) must repeat the first exactly; --shuffle_rewards runs the control."""
+    cmd = [sys.executable, "scripts/rl_probe.py", "--model", sft_model, "--steps", "2",
+           "--every", "1", "--heldout", "4", "--samples", "2", "--shuffle_rewards",
+           "--config.optim.lr=0.0", "--config.rl.batch_prompts=2", "--config.rl.group_size=2",
+           "--config.task.arith.train_size=16", "--config.task.eval_limit=3",
+           "--config.sampler.max_new_tokens=48", "--config.eval.max_new_tokens=48"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["batch_reward"] is None
+    assert all(0.0 <= r["batch_reward"] <= 1.0 for r in rows[1:])
+    keys = ("sampled_train", "greedy_train", "sampled_test", "greedy_test")
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in keys)
+    assert 1.0 <= rows[0]["sampled_train_len"] <= 48
+    # the length of 8 samples would differ under fresh sampling keys; here it must not
+    keys += ("sampled_train_len",)
+    assert all(r[k] == rows[0][k] for r in rows for k in keys)

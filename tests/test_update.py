@@ -9,7 +9,7 @@ from migjax import losses
 from migjax.models import merge
 from migjax.train_state import apply_if_finite, init_state, make_optimizer
 from migjax.update import UpdateHParams, completion_logprobs, credit, make_update
-from tests.test_nonfinite import G, train_batch, tiny_model
+from tests.test_nonfinite import G, tiny_model, train_batch
 
 
 def by_hand(graphdef, optimizer, state, batch, hp):
@@ -37,7 +37,8 @@ def test_single_step_update_matches_the_objective_by_hand():
     opt = make_optimizer(lr=1e-2)
     hp = UpdateHParams(group_size=G, score_chunk=8)
     batch = train_batch()
-    want, want_loss = by_hand(graphdef, opt, init_state(params, opt), batch, hp)
+    want, want_loss = jax.jit(lambda s, b: by_hand(graphdef, opt, s, b, hp))(
+        init_state(params, opt), batch)
     fresh = jax.tree.map(jnp.copy, params)  # the update donates its state
     got, m = make_update(graphdef, opt, hp)(init_state(fresh, opt), batch, None)
     np.testing.assert_allclose(float(m["loss/total"]), float(want_loss), rtol=1e-6, atol=1e-7)
