@@ -108,6 +108,16 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
     return graphdef, params, mcfg
 
 
+def load_model_dir(c, path: str):
+    """Points `c` at a Hugging Face model directory holding its tokenizer and builds from it:
+    (mesh, tokenizer, graphdef, params, model_config). For scripts that inspect a trained model."""
+    c.model.path = c.tokenizer_path = path
+    mesh = build_mesh(c)
+    tokenizer = build_tokenizer(c, path)
+    graphdef, params, mcfg = build_model(c, tokenizer, mesh, path)
+    return mesh, tokenizer, graphdef, params, mcfg
+
+
 def renderer(c, tokenizer):
     system = c.task.system_prompt or None
     return lambda q: render_prompt(q, tokenizer, template=c.task.template,

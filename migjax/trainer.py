@@ -84,6 +84,13 @@ def sampling_rules(c, tokenizer) -> SamplingRules:
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
 
 
+def rl_optimizer(c):
+    """The RL optimizer of a config (`optim.*`)."""
+    return make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
+                          weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
+                          grad_clip=c.optim.grad_clip)
+
+
 def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
     """The host-side reward stage (verification, segmentation, step likelihoods) of a config."""
     return RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
@@ -134,9 +141,7 @@ def train(c, workdir: str) -> dict:
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
 
-    optimizer = make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
-                               weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-                               grad_clip=c.optim.grad_clip)
+    optimizer = rl_optimizer(c)
     state, shardings = place_state(init_state(params, optimizer), mesh)
     needs_ref = c.loss.kl_coef > 0 or c.mig.scorer == "reference"
     ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None

@@ -59,11 +59,7 @@ def main(argv):
     from migjax.trainer import sampling_rules
 
     c = _CONFIG.value
-    c.model.path = _MODEL.value
-    c.tokenizer_path = _MODEL.value
-    mesh = ex.build_mesh(c)
-    tok = ex.build_tokenizer(c, _MODEL.value)
-    graphdef, params, _ = ex.build_model(c, tok, mesh, _MODEL.value)
+    _, tok, graphdef, params, _ = ex.load_model_dir(c, _MODEL.value)
     train, _, _ = ex.build_data(c, tok)
     n = min(_PROMPTS.value, len(train))
     rollout = sample(graphdef, params, jnp.asarray(train.tokens_ExP[:n]),

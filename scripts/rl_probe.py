@@ -57,23 +57,18 @@ def main(argv):
     from migjax.rewards.answers import extract_answer
     from migjax.rewards.verify import Verifier
     from migjax.rollout import sample
-    from migjax.train_state import init_state, make_optimizer, place_state
+    from migjax.train_state import init_state, place_state
     from migjax.update import UpdateHParams, make_update
 
     c = _CONFIG.value
-    c.model.path = c.tokenizer_path = _MODEL.value
     c.log.samples_every = 0
-    mesh = ex.build_mesh(c)
-    tok = ex.build_tokenizer(c, _MODEL.value)
-    graphdef, params, mcfg = ex.build_model(c, tok, mesh, _MODEL.value)
+    mesh, tok, graphdef, params, mcfg = ex.load_model_dir(c, _MODEL.value)
     train, evals, _ = ex.build_data(c, tok)
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = trainer.sampling_rules(c, tok)
     greedy = dataclasses.replace(rules, greedy=True, max_new_tokens=c.eval.max_new_tokens
                                  or rules.max_new_tokens)
-    optimizer = make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
-                               weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-                               grad_clip=c.optim.grad_clip)
+    optimizer = trainer.rl_optimizer(c)
     state, shardings = place_state(init_state(params, optimizer), mesh)
     update_fn = make_update(graphdef, optimizer, UpdateHParams.from_config(c), shardings)
     if _SHUFFLE.value:
