@@ -1,6 +1,7 @@
 """Tests for the arithmetic task: determinism, exact chains, ranges, distractors and split overlap."""
 
 import dataclasses
+import functools
 import operator
 import re
 
@@ -123,6 +124,7 @@ def test_distractors_present_and_unused(variant, counts):
         start, ops, distractors = parse_question(item.question)
         seen.add(len(distractors))
         chain_numbers = {start, *(b for _, b in ops)}
+        assert item.distractors == tuple(int(re.findall(r"\d+", d)[0]) for d in distractors)
         for d in distractors:
             numbers = [int(x) for x in re.findall(r"\d+", d)]
             assert len(numbers) == 1, d
@@ -244,7 +246,9 @@ def test_chain_is_valid():
     assert not arith.chain_is_valid("Step 1: 3 + 7 = 10 and more")  # not a whole step line
 
 
-def test_chain_stats_counts_lucky_answers():
+@functools.cache
+def _arith_chains():
+    """scripts/arith_chains.py as a module, loaded once (its absl flags can be defined once)."""
     import importlib.util
     import os
 
@@ -252,8 +256,45 @@ def test_chain_stats_counts_lucky_answers():
     spec = importlib.util.spec_from_file_location("arith_chains", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_chain_stats_counts_lucky_answers():
+    mod = _arith_chains()
     good = "<think>\nStep 1: 3 + 7 = 10\n</think>\n<answer>10</answer>"
     lucky = "<think>\nStep 1: 3 + 7 = 11\n</think>\n<answer>10</answer>"
     wrong = "<think>\nStep 1: 3 + 7 = 10\n</think>\n<answer>12</answer>"
     got = mod.chain_stats([good, lucky, wrong, "garbage"], ["10", "10", "10", "10"])
     assert got == dict(samples=4, correct=2, valid_chain=2, correct_and_valid=1, lucky=1)
+
+
+def test_distracted_solution_adds_the_first_distractor():
+    items = sample("train", 200)
+    with_d = [it for it in items if it.distractors]
+    assert with_d and len(with_d) < len(items)
+    for it in items:
+        text = arith.distracted_solution(it)
+        if not it.distractors:
+            assert text == it.solution
+            continue
+        d, v = it.distractors[0], int(it.answer)
+        lines = text.split("\n")
+        assert lines[1:-3] == list(it.steps)
+        assert lines[-3] == f"Step {len(it.steps) + 1}: {v} + {d} = {v + d}"
+        assert lines[-1] == f"<answer>{v + d}</answer>"
+        assert arith.chain_is_valid(text)
+        assert not arith.check_answer(str(v + d), it.answer)
+
+
+
+def test_habit_stats_splits_by_distractor():
+    mod = _arith_chains()
+    items = sample("test", 60)
+    with_d = [it for it in items if it.distractors][:3]
+    without = [it for it in items if not it.distractors][:2]
+    texts = [arith.distracted_solution(with_d[0]), with_d[1].solution, "garbage",
+             without[0].solution, "<think>\nStep 1: 1 + 1 = 2\n</think>\n<answer>-5</answer>"]
+    got = mod.habit_stats(texts, with_d + without)
+    assert got[0] == dict(distractor=True, problems=3, greedy_acc=round(1 / 3, 4),
+                          extra_step=round(1 / 3, 4))
+    assert got[1] == dict(distractor=False, problems=2, greedy_acc=0.5, extra_step=0.0)

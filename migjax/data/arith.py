@@ -89,6 +89,7 @@ class ArithItem:
     answer: str
     steps: tuple[str, ...]  # "Step n: a op b = c" lines
     solution: str  # "<think>\n<steps>\n</think>\n<answer>...</answer>"
+    distractors: tuple[int, ...] = ()  # the numbers of the irrelevant facts, in question order
 
 
 def apply_op(a: int, op: str, b: int) -> int:
@@ -147,12 +148,13 @@ def _sample_chain(rng: np.random.Generator, spec: ArithSpec):
     return start, tuple(ops), tuple(operands)
 
 
-def _distractor_sentences(rng: np.random.Generator, spec: ArithSpec, used: set[int]) -> list[str]:
-    """Irrelevant facts whose numbers differ from every number the chain uses."""
+def _distractors(rng: np.random.Generator, spec: ArithSpec, used: set[int]):
+    """Irrelevant facts (template index, number) whose numbers differ from every number the chain
+    uses."""
     count = int(rng.integers(spec.min_distractors, spec.num_distractors + 1))
     pool = [n for n in range(1, 2 * spec.max_operand + 11) if n not in used]
     templates = rng.permutation(len(_DISTRACTORS))[:count]
-    return [_DISTRACTORS[t].format(n=pool[int(rng.integers(len(pool)))]) for t in templates]
+    return [(int(t), pool[int(rng.integers(len(pool)))]) for t in templates]
 
 
 def make_item(spec: ArithSpec, index: int) -> ArithItem:
@@ -166,10 +168,11 @@ def make_item(spec: ArithSpec, index: int) -> ArithItem:
         raise RuntimeError(f"make_item: no valid chain for index {index} after "
                            f"{_MAX_ATTEMPTS} attempts; spec={spec}")
     start, ops, operands = chain
-    sentences = [f"Start with {start}."]
-    sentences += [_OP_SENTENCE[o].format(b=b) for o, b in zip(ops, operands, strict=True)]
-    for fact in _distractor_sentences(rng, spec, {start, *operands}):
-        sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
+    parts = [(f"Start with {start}.", None)]  # (sentence, distractor number or None)
+    parts += [(_OP_SENTENCE[o].format(b=b), None) for o, b in zip(ops, operands, strict=True)]
+    for t, n in _distractors(rng, spec, {start, *operands}):
+        parts.insert(int(rng.integers(len(parts) + 1)), (_DISTRACTORS[t].format(n=n), n))
+    sentences = [text for text, _ in parts]
     question = " ".join([*sentences, _QUESTION_END])
 
     steps, v = [], start
@@ -180,7 +183,21 @@ def make_item(spec: ArithSpec, index: int) -> ArithItem:
     answer = str(v)
     solution = "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer>{answer}</answer>"
     return ArithItem(id=f"arith/{spec.seed}/{index}", question=question, answer=answer,
-                     steps=tuple(steps), solution=solution)
+                     steps=tuple(steps), solution=solution,
+                     distractors=tuple(n for _, n in parts if n is not None))
+
+
+def distracted_solution(item: ArithItem) -> str:
+    """The demonstration of a careless teacher that, after the chain, also adds the question's
+    first irrelevant number: one extra step, and an answer that is wrong. The item's own solution
+    when its question has no distractor. A systematic habit for supervised imitation to copy and
+    outcome rewards (or step credit) to remove; see `warmstart.distracted_prob`."""
+    if not item.distractors:
+        return item.solution
+    v = int(item.answer)
+    d = item.distractors[0]
+    steps = [*item.steps, f"Step {len(item.steps) + 1}: {v} + {d} = {v + d}"]
+    return "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer>{v + d}</answer>"
 
 
 class ArithTask:
