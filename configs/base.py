@@ -133,6 +133,12 @@ def get_config() -> mlc.ConfigDict:
     c.warmstart.batch_size = 32
     c.warmstart.lr = 3e-3
     c.warmstart.max_len = 160
+    # fraction of demonstrations from a careless teacher that also adds the question's first
+    # irrelevant number after the chain (arith.distracted_solution): a habit for RL to remove
+    c.warmstart.distracted_prob = 0.0
+    # > 0: batches of similar-length demonstrations, sorted within windows of this many batches
+    # and padded to their own longest row (faster); 0: the data order, padded to max_len
+    c.warmstart.group_by_length = 0
 
     c.eval = mlc.ConfigDict()
     c.eval.every = 25  # steps; 0 = only before and after training

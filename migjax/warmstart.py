@@ -36,6 +36,33 @@ def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len:
     return (tokens, mask, loss_mask), len(prompts) - len(rows)
 
 
+def length_grouped_batches(lengths, batch_size: int, window: int, seed: int, max_width: int,
+                           multiple: int = 16) -> list[tuple[np.ndarray, int]]:
+    """(row indices, width) of each batch, in order, over the whole batches of `lengths`.
+
+    `window` 0: rows in their given order, every batch `max_width` wide. Otherwise rows are taken
+    a window of `window` batches at a time; within a window they are sorted by length, cut into
+    batches and the batches shuffled (seeded), so each batch holds rows of similar length and is
+    only as wide as its longest row rounded up to `multiple` (a few widths: a few compilations).
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths) // batch_size * batch_size
+    if n == 0:
+        raise ValueError(f"warm start: {len(lengths)} demonstrations do not fill one batch of "
+                         f"warmstart.batch_size={batch_size}")
+    if not window:
+        return [(np.arange(i, i + batch_size), max_width) for i in range(0, n, batch_size)]
+    rng = np.random.default_rng([seed, 2])
+    out, span = [], window * batch_size
+    for lo in range(0, n, span):
+        rows = lo + np.argsort(lengths[lo:min(lo + span, n)], kind="stable")
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        for j in rng.permutation(len(batches)):
+            width = -(-int(lengths[batches[j]].max()) // multiple) * multiple
+            out.append((batches[j], min(width, max_width)))
+    return out
+
+
 def make_sft_step(graphdef, optimizer, state_shardings=None):
     """The jitted `(state, tokens, mask, loss_mask) -> (state, metrics)`, donating the state."""
     out = None if state_shardings is None else (state_shardings, None)
@@ -54,6 +81,16 @@ def sft_step(graphdef, optimizer, state: TrainState, tokens_NxT, mask_NxT, loss_
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     state, ok = apply_if_finite(state, grads, loss, optimizer)
     return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
+
+
+def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
+    """The demonstration of each arith item: its solution, or with probability `distracted_prob`
+    (a seeded draw per item) the careless teacher's `arith.distracted_solution`."""
+    from migjax.data import arith
+
+    careless = np.random.default_rng([seed, 1]).random(len(items)) < distracted_prob
+    return [arith.distracted_solution(it) if bad else it.solution
+            for it, bad in zip(items, careless, strict=True)]
 
 
 def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -> str:
@@ -79,8 +116,11 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
     task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
     n = w.steps * w.batch_size
     items = [task[i % len(task)] for i in range(n)]
+    demos = demonstrations(items, w.distracted_prob, c.seed)
     (tokens, mask, loss_mask), dropped = encode_demos(
-        tokenizer, [render(it.question) for it in items], [it.solution for it in items], w.max_len)
+        tokenizer, [render(it.question) for it in items], demos, w.max_len)
+    batches = length_grouped_batches(mask.sum(axis=1), w.batch_size, w.group_by_length, c.seed,
+                                     w.max_len)
     if dropped:
         logging.getLogger(__name__).warning("warm start: dropped %d demonstrations longer than "
                                             "warmstart.max_len=%d", dropped, w.max_len)
@@ -91,10 +131,10 @@ def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -
     put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
     bar = tqdm(range(w.steps), desc="sft warm start", disable=not c.log.progress,
                dynamic_ncols=True)
-    rows = len(tokens)
     for s in bar:
-        idx = (np.arange(w.batch_size) + s * w.batch_size) % rows
-        state, m = step_fn(state, put(tokens[idx]), put(mask[idx]), put(loss_mask[idx]))
+        idx, width = batches[s % len(batches)]
+        state, m = step_fn(state, put(tokens[idx, :width]), put(mask[idx, :width]),
+                           put(loss_mask[idx, :width]))
         if s % 20 == 0 or s == w.steps - 1:
             bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
     host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
