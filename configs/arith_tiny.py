@@ -3,11 +3,18 @@ by a supervised warm start (1000 steps of 16), then 40 RL steps with MIG. CPU on
 
     python -m migjax.main --config=configs/arith_tiny.py --workdir=runs/arith_tiny
 
-Expected (2-core CPU, about 13 minutes, 5.5 of them the warm start): greedy pass@1 of about 0.3
-in distribution and 0.03 out of distribution after the warm start. RL at this budget does not
-raise greedy pass@1 beyond noise: the measured run went 0.312 -> 0.289 (test pass@1), 0.531 ->
-0.516 (pass@4), 0.031 -> 0.023 (OOD pass@1); see README, Results, for the runs behind this and
-what they showed. A second run in the same workdir reuses the cached warm start.
+The warm start imitates a careless teacher: in 60% of its demonstrations for questions with an
+irrelevant fact, the teacher adds that fact's number after the chain (one extra step, a wrong
+answer; `warmstart.distracted_prob`, `arith.distracted_solution`). The policy copies the habit,
+and RL, paid for right answers and for steps that raise the answer's likelihood, has to drop it.
+With `--config.warmstart.distracted_prob=0` the demonstrations are all correct and the weak
+start is only under-trained; from such a start 40 RL steps did not raise greedy pass@1 beyond
+noise (README, Results).
+
+Expected (2-core CPU, about 13 minutes, 5.2 of them the warm start): greedy test pass@1 0.125 ->
+0.180, pass@4 0.305 -> 0.367, OOD pass@1 0.031 -> 0.008 (128 problems per set); the greedy
+policy's extra distractor step falls from 56% to 5% of the questions with a distractor. A second
+run in the same workdir reuses the cached warm start.
 
 Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo` (see configs/base.py).
 """
@@ -32,7 +39,9 @@ def get_config(variant: str = "mig"):
     c.warmstart.steps = 1000
     c.warmstart.batch_size = 16  # more, smaller steps learn the chains faster per second
     c.warmstart.lr = 3e-3
-    c.warmstart.max_len = 112  # every training demonstration fits (the longest is 111 tokens)
+    c.warmstart.distracted_prob = 0.6  # a careless teacher: RL has a habit to remove
+    c.warmstart.max_len = 128  # every training demonstration fits (the longest is 127 tokens)
+    c.warmstart.group_by_length = 8  # batches padded to their own longest demonstration
     c.rl.steps = 40
     c.rl.batch_prompts = 16
     c.rl.group_size = 8

@@ -86,6 +86,13 @@ def test_arith_chains_prints_consistent_counts(sft_model):
     assert res["samples"] == 8
     assert res["correct"] == res["correct_and_valid"] + res["lucky"]
     assert 0 <= res["correct_and_valid"] <= min(res["correct"], res["valid_chain"])
+    proc = subprocess.run(cmd + ["--habit", "--config.task.eval_limit=6"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
+    assert [r["distractor"] for r in rows] == [True, False]
+    assert sum(r["problems"] for r in rows) == 6
+    assert all(0 <= r["greedy_acc"] <= 1 and 0 <= r["extra_step"] <= 1 for r in rows)
 
 
 def test_rl_probe_measures_with_common_random_numbers(sft_model):

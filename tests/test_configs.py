@@ -125,8 +125,10 @@ def test_sft_mode_writes_a_model_directory(tmp_path):
 
 
 def test_arith_tiny_lengths_cover_its_task(tmp_path):
-    """The embedded default's warm start keeps every demonstration (a dropped long one leaves RL
-    prompts the supervised stage never saw) and the sampler can write every solution."""
+    """The embedded default's warm start keeps every demonstration, the careless teacher's longer
+    ones included (a dropped long one leaves RL prompts the supervised stage never saw, and
+    dropping only careless ones would weaken the habit on long chains), and the sampler can write
+    every correct solution."""
     from migjax import experiment as ex
     from migjax.data import arith
     from migjax.warmstart import encode_demos
@@ -136,8 +138,11 @@ def test_arith_tiny_lengths_cover_its_task(tmp_path):
     render = ex.renderer(c, tok)
     task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
     items = [task[i] for i in range(0, c.task.arith.train_size, 10)]
-    _, dropped = encode_demos(tok, [render(it.question) for it in items],
-                              [it.solution for it in items], c.warmstart.max_len)
+    assert c.warmstart.distracted_prob > 0
+    _, dropped = encode_demos(tok, [render(it.question) for it in items] * 2,
+                              [it.solution for it in items]
+                              + [arith.distracted_solution(it) for it in items],
+                              c.warmstart.max_len)
     assert dropped == 0
     longest = max(len(tok.encode(it.solution, add_special_tokens=False)) for it in items)
     assert longest <= c.sampler.max_new_tokens
