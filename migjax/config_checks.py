@@ -56,6 +56,10 @@ def validate(c, device_count: int | None = None) -> None:
     if c.mode == "sft" and (c.task.kind != "arith" or c.warmstart.steps < 1):
         raise ValueError(f"mode='sft' trains on the arith task's demonstrations and needs "
                          f"task.kind='arith' (got {c.task.kind!r}) and warmstart.steps >= 1")
+    if not 0.0 <= c.warmstart.distracted_prob <= 1.0 or c.warmstart.group_by_length < 0:
+        raise ValueError(f"warmstart.distracted_prob={c.warmstart.distracted_prob} must be in "
+                         f"[0, 1] and warmstart.group_by_length={c.warmstart.group_by_length} "
+                         ">= 0")
     if c.rl.group_size < 2 and c.mode == "rl":
         raise ValueError(f"rl.group_size={c.rl.group_size}: group-relative advantages need >= 2")
     if c.task.kind != "arith" and not c.task.train_path:

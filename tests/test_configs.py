@@ -63,6 +63,8 @@ def test_variants_change_what_they_claim():
     ("rl.minibatches", 3, "rl.minibatches"),
     ("rl.group_size", 1, "rl.group_size"),
     ("rl.steps", 0, "rl.steps"),
+    ("warmstart.distracted_prob", 1.5, "warmstart.distracted_prob"),
+    ("warmstart.group_by_length", -1, "warmstart.group_by_length"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = load("arith_tiny")
