@@ -181,7 +181,7 @@ def make_item(spec: ArithSpec, index: int) -> ArithItem:
         steps.append(f"Step {k}: {v} {o} {b} = {nxt}")
         v = nxt
     answer = str(v)
-    solution = "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer>{answer}</answer>"
+    solution = _solution(steps, answer)
     return ArithItem(id=f"arith/{spec.seed}/{index}", question=question, answer=answer,
                      steps=tuple(steps), solution=solution,
                      distractors=tuple(n for _, n in parts if n is not None))
@@ -197,7 +197,12 @@ def distracted_solution(item: ArithItem) -> str:
     v = int(item.answer)
     d = item.distractors[0]
     steps = [*item.steps, f"Step {len(item.steps) + 1}: {v} + {d} = {v + d}"]
-    return "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer>{v + d}</answer>"
+    return _solution(steps, str(v + d))
+
+
+def _solution(steps, answer: str) -> str:
+    """A demonstration: the step lines inside <think>, then the answer."""
+    return "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer>{answer}</answer>"
 
 
 class ArithTask:
