@@ -85,7 +85,9 @@ def test_bad_inputs():
         watermark(np.zeros((1, 3)), np.ones((1, 3), bool))
 
 
-values = st.floats(-6.0, 1.0, allow_nan=False, width=32)
+# XLA on CPU flushes subnormal floats to zero, so a subnormal log-likelihood can
+# come back as 0 after a max; real log-likelihoods are never that close to zero.
+values = st.floats(-6.0, 1.0, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @settings(max_examples=150, deadline=None)
