@@ -3,7 +3,7 @@ by a supervised warm start (1000 steps of 16), then 40 RL steps with MIG. CPU on
 
     python -m migjax.main --config=configs/arith_tiny.py --workdir=runs/arith_tiny
 
-The warm start imitates a careless teacher: in 60% of its demonstrations for questions with an
+The warm start imitates a careless teacher: in 70% of its demonstrations for questions with an
 irrelevant fact, the teacher adds that fact's number after the chain (one extra step, a wrong
 answer; `warmstart.distracted_prob`, `arith.distracted_solution`). The policy copies the habit,
 and RL, paid for right answers and for steps that raise the answer's likelihood, has to drop it.
@@ -11,12 +11,11 @@ With `--config.warmstart.distracted_prob=0` the demonstrations are all correct a
 start is only under-trained; from such a start 40 RL steps did not raise greedy pass@1 beyond
 noise (README, Results).
 
-Expected (2-core CPU, about 13 minutes, 5.2 of them the warm start): greedy test pass@1 0.125 ->
-0.180, pass@4 0.305 -> 0.367, OOD pass@1 0.031 -> 0.008 (128 problems per set); the greedy
-policy's extra distractor step falls from 56% to 5% of the questions with a distractor. A control
-with permuted rewards moves greedy pass@1 about as much from this start (README, Results), so the
-rise is not yet evidence for the reward signal. A second run in the same workdir reuses the cached
-warm start.
+Expected (2-core CPU, about 12 minutes, 6 of them the warm start): greedy test pass@1 0.188 ->
+0.234, pass@4 0.297 -> 0.375, OOD pass@1 0.023 -> 0.055 (128 problems per set); the greedy
+policy's extra distractor step falls from 83% to 4% of the questions with a distractor. From
+the same start a control with permuted rewards does not gain (README, Results). A second run in
+the same workdir reuses the cached warm start.
 
 Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo` (see configs/base.py).
 """
@@ -41,7 +40,7 @@ def get_config(variant: str = "mig"):
     c.warmstart.steps = 1000
     c.warmstart.batch_size = 16  # more, smaller steps learn the chains faster per second
     c.warmstart.lr = 3e-3
-    c.warmstart.distracted_prob = 0.6  # a careless teacher: RL has a habit to remove
+    c.warmstart.distracted_prob = 0.7  # a careless teacher: RL has a habit to remove
     c.warmstart.max_len = 128  # every training demonstration fits (the longest is 127 tokens)
     c.warmstart.group_by_length = 8  # batches padded to their own longest demonstration
     c.rl.steps = 40

@@ -84,6 +84,12 @@ def sampling_rules(c, tokenizer) -> SamplingRules:
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
 
 
+def eval_rules(c, tokenizer) -> SamplingRules:
+    """The sampling rules of held-out evaluation: the sampler's, with `eval.max_new_tokens`."""
+    rules = sampling_rules(c, tokenizer)
+    return dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens or rules.max_new_tokens)
+
+
 def rl_optimizer(c):
     """The RL optimizer of a config (`optim.*`)."""
     return make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
@@ -101,12 +107,11 @@ def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
                                       chunk=c.rl.score_chunk, fast=c.mig.fast))
 
 
-def run_evals(graphdef, params, evals, tokenizer, verifier, rules, c, mesh):
+def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
     out, rows = {}, []
     key = jax.random.fold_in(jax.random.key(c.seed), EVAL)
     bs = c.eval.batch_size
-    if c.eval.max_new_tokens:
-        rules = dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens)
+    rules = eval_rules(c, tokenizer)
     for name, data in evals.items():
         res, rows_ = evaluate(graphdef, params, data, tokenizer, verifier, rules=rules,
                               batch_size=bs, k=c.eval.pass_k, key=key,
@@ -130,7 +135,7 @@ def train(c, workdir: str) -> dict:
     model_path = None
     if c.mode == "sft" or (c.task.kind == "arith" and not c.model.path and not c.model.preset
                            and c.model.init_from_sft):
-        model_path = run_warmstart(c, workdir, tokenizer, mesh, verifier, rules)
+        model_path = run_warmstart(c, workdir, tokenizer, mesh)
     if c.mode == "sft":  # the supervised stage alone: its model directory is the output
         verifier.close()
         say(f"supervised model written to {model_path}")
@@ -173,7 +178,7 @@ def train(c, workdir: str) -> dict:
         before = extra["before"]
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
     else:
-        before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
+        before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
                               mesh)
         say("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())))
 
@@ -190,7 +195,7 @@ def train(c, workdir: str) -> dict:
                 f"last good checkpoint: {ckpt.latest_step()} in {ckpt.directory}")
         done = step + 1
         if c.eval.every and done % c.eval.every == 0 and done < c.rl.steps:
-            ev, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c,
+            ev, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
                               mesh)
             metrics.update(ev)
         if done % c.log.every == 0 or done == c.rl.steps:
@@ -201,7 +206,7 @@ def train(c, workdir: str) -> dict:
         if done % c.checkpoint.every == 0 or done == c.rl.steps:
             ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
     ckpt.wait()
-    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, rules, c, mesh)
+    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, c, mesh)
     writer.write(c.rl.steps, {**{k: v for k, v in after.items()}, "time/elapsed_s":
                               time.time() - t_start})
     writer.close()

@@ -93,7 +93,7 @@ def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
             for it, bad in zip(items, careless, strict=True)]
 
 
-def run_warmstart(c, workdir: str, tokenizer, mesh, verifier=None, rules=None) -> str:
+def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     """Trains the scratch model on the arithmetic demonstrations for `warmstart.steps` steps and
     saves it as a Hugging Face directory `workdir/sft_model`, which later runs reuse."""
     import logging

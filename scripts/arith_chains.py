@@ -82,7 +82,7 @@ def main(argv):
     from migjax import experiment as ex
     from migjax.evaluation import completion_texts
     from migjax.rollout import sample
-    from migjax.trainer import sampling_rules
+    from migjax.trainer import eval_rules, sampling_rules
 
     c = _CONFIG.value
     _, tok, graphdef, params, _ = ex.load_model_dir(c, _MODEL.value)
@@ -98,9 +98,7 @@ def main(argv):
         if [it.answer for it in items] != [a[0] for a in test.answers]:
             raise SystemExit("arith_chains --habit: the encoded test set does not follow the "
                              "task's order (were prompts skipped as over-long?)")
-        rules = dataclasses.replace(sampling_rules(c, tok), greedy=True,
-                                    max_new_tokens=c.eval.max_new_tokens
-                                    or c.sampler.max_new_tokens)
+        rules = dataclasses.replace(eval_rules(c, tok), greedy=True)
         rollout = sample(graphdef, params, jnp.asarray(test.tokens_ExP),
                          jnp.asarray(test.mask_ExP), jax.random.key(_SEED.value), rules=rules,
                          group_size=1)

@@ -66,8 +66,7 @@ def main(argv):
     train, evals, _ = ex.build_data(c, tok)
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = trainer.sampling_rules(c, tok)
-    greedy = dataclasses.replace(rules, greedy=True, max_new_tokens=c.eval.max_new_tokens
-                                 or rules.max_new_tokens)
+    greedy = dataclasses.replace(trainer.eval_rules(c, tok), greedy=True)
     optimizer = trainer.rl_optimizer(c)
     state, shardings = place_state(init_state(params, optimizer), mesh)
     update_fn = make_update(graphdef, optimizer, UpdateHParams.from_config(c), shardings)

@@ -157,13 +157,15 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
 
 def build_sft_model(workdir: str, steps: int = 100, lr: float = 1e-2) -> str:
     """The arith recipe's warm start on the tiny shape, long enough that sampled completions
-    often hold a think block with steps (so RL gradients are not all zero). Returns the model
-    directory (tokenizer included)."""
+    often hold a think block with steps (so RL gradients are not all zero). The demonstrations
+    are all correct: this model serves the plumbing tests, and the default's careless teacher
+    would make whether its short training lands on well-formed chains depend on that setting.
+    Returns the model directory (tokenizer included)."""
     from migjax import experiment as ex
     from migjax.warmstart import run_warmstart
 
-    c = make_config("arith_tiny", shrink("arith_tiny", warmstart__steps=steps,
-                                         warmstart__lr=lr))
+    c = make_config("arith_tiny", shrink("arith_tiny", warmstart__steps=steps, warmstart__lr=lr,
+                                         warmstart__distracted_prob=0.0))
     return run_warmstart(c, workdir, ex.build_tokenizer(c, workdir), ex.build_mesh(c))
 
 
