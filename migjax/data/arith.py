@@ -177,9 +177,8 @@ def make_item(spec: ArithSpec, index: int) -> ArithItem:
 
     steps, v = [], start
     for k, (o, b) in enumerate(zip(ops, operands, strict=True), start=1):
-        nxt = apply_op(v, o, b)
-        steps.append(f"Step {k}: {v} {o} {b} = {nxt}")
-        v = nxt
+        steps.append(_step_line(k, v, o, b))
+        v = apply_op(v, o, b)
     answer = str(v)
     solution = _solution(steps, answer)
     return ArithItem(id=f"arith/{spec.seed}/{index}", question=question, answer=answer,
@@ -196,8 +195,13 @@ def distracted_solution(item: ArithItem) -> str:
         return item.solution
     v = int(item.answer)
     d = item.distractors[0]
-    steps = [*item.steps, f"Step {len(item.steps) + 1}: {v} + {d} = {v + d}"]
+    steps = [*item.steps, _step_line(len(item.steps) + 1, v, "+", d)]
     return _solution(steps, str(v + d))
+
+
+def _step_line(k: int, a: int, op: str, b: int) -> str:
+    """Step k of a chain, "Step k: a op b = c", the line `chain_is_valid` checks."""
+    return f"Step {k}: {a} {op} {b} = {apply_op(a, op, b)}"
 
 
 def _solution(steps, answer: str) -> str:

@@ -210,13 +210,13 @@ class Transformer(nnx.Module):
                 x, (ck, cv) = self._block(x, p, pos_NxT, mask_NxTxS, inv_freq,
                                           (ck, cv, layer, cache.index))
                 return (x, ck, cv), None
-            x = (x, cache.k, cache.v)
             xs = (layer_p, jnp.arange(cfg.num_layers))
         if cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(body, x, xs)
-        if cache is not None:
-            x, ck, cv = x
+        if cache is None:
+            x, _ = jax.lax.scan(body, x, xs)
+        else:
+            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
             cache = KVCache(ck, cv, cache.mask_NxS, cache.index + tokens_NxT.shape[1])
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
