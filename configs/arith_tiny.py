@@ -17,7 +17,7 @@ policy's extra distractor step falls from 83% to 4% of the questions with a dist
 the same start a control with permuted rewards does not gain (README, Results). A second run in
 the same workdir reuses the cached warm start.
 
-Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo` (see configs/base.py).
+Variants select baselines/ablations: `--config=configs/arith_tiny.py:grpo_matched` (see configs/base.py).
 """
 
 from configs.base import apply_variant

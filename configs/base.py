@@ -6,22 +6,43 @@ section 7 by config alone; see `VARIANTS`.
 
 import ml_collections as mlc
 
-# Overrides that turn the default MIG recipe into a baseline or an ablation.
+# Overrides that turn the default MIG recipe into a baseline or an ablation (docs/METHOD.md,
+# "Variants", maps each to the switches it sets; tests/test_variants.py checks what each does to
+# the update).
+_NO_PROCESS_NO_SFT = {"loss.alpha": 0.0, "loss.gamma": 0.0}
 VARIANTS = {
     "mig": {},
-    "grpo": {"loss.alpha": 0.0, "loss.gamma": 0.0},
-    "dr_grpo": {"loss.alpha": 0.0, "loss.gamma": 0.0, "adv.estimator": "dr_grpo",
+    # Baselines. grpo_matched is the default recipe without the process stream and the SFT term
+    # (everything else identical, so a comparison isolates MIG); grpo_canonical is GRPO as
+    # DeepSeekMath, TRL and verl write it: per-sequence token means, unbiased group std (add
+    # --config.loss.kl_coef=0.04 for DeepSeekMath's KL term).
+    "grpo_matched": dict(_NO_PROCESS_NO_SFT),
+    "grpo_canonical": {**_NO_PROCESS_NO_SFT, "loss.aggregation": "seq_mean_token_mean",
+                       "adv.unbiased_std": True},
+    "dr_grpo": {**_NO_PROCESS_NO_SFT, "adv.estimator": "dr_grpo",
                 "loss.aggregation": "seq_mean_token_sum_norm"},
-    "dapo": {"loss.alpha": 0.0, "loss.gamma": 0.0, "loss.eps_high": 0.28},
+    "dapo": {**_NO_PROCESS_NO_SFT, "loss.eps_high": 0.28},
     "end_of_cot": {"mig.reward": "end_of_cot"},
+    # IGPO-style credit (arXiv 2510.14967): signed gains in probability space, no watermark,
+    # reward-to-go on each step's tokens, normalised over the group's steps; the rest as MIG.
+    "igpo": {"mig.likelihood_space": "prob", "mig.watermark": False,
+             "mig.advantage_mode": "stepwise", "mig.reward_to_go": True},
+    # Ablations of MIG, one switch each (h0_zero needs probability space: see prob_space).
     "no_watermark": {"mig.watermark": False},
     "coupled": {"mig.decoupled": False},
     "no_sft": {"loss.gamma": 0.0},
     "stepwise": {"mig.advantage_mode": "stepwise"},
     "stepwise_rtg": {"mig.advantage_mode": "stepwise", "mig.reward_to_go": True},
+    "prob_space": {"mig.likelihood_space": "prob"},
     "h0_zero": {"mig.h0": "zero", "mig.likelihood_space": "prob"},
     "sft_mig_gate": {"sft.gates": ("correct", "mig_positive")},
     "reference_scorer": {"mig.scorer": "reference"},
+}
+# Names that no longer select a variant, and why.
+RETIRED_VARIANTS = {
+    "grpo": "'grpo' was ambiguous; use grpo_matched (the MIG recipe without process stream and "
+            "SFT, token-mean loss) or grpo_canonical (DeepSeekMath/TRL: per-sequence token means, "
+            "unbiased std)",
 }
 
 
@@ -113,12 +134,13 @@ def get_config() -> mlc.ConfigDict:
     c.adv = mlc.ConfigDict()
     c.adv.estimator = "grpo"  # grpo | rloo | dr_grpo
     c.adv.std_normalize = True
+    c.adv.unbiased_std = False  # True: the group std with n - 1 (TRL, verl); False: with n
 
     c.loss = mlc.ConfigDict()
     c.loss.alpha = 1.0  # process stream weight
     c.loss.beta = 1.0  # outcome stream weight
     c.loss.gamma = 0.1  # dual-gated SFT weight
-    c.loss.eps_low = 0.2
+    c.loss.eps_low = 0.2  # clip range [1 - eps_low, 1 + eps_high]; 0 clips every move
     c.loss.eps_high = 0.2
     c.loss.aggregation = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     c.loss.kl_coef = 0.0  # > 0 loads a frozen reference model
@@ -170,6 +192,8 @@ def get_config() -> mlc.ConfigDict:
 
 
 def apply_variant(c: mlc.ConfigDict, variant: str) -> mlc.ConfigDict:
+    if variant in RETIRED_VARIANTS:
+        raise ValueError(f"config variant {variant!r}: {RETIRED_VARIANTS[variant]}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown config variant {variant!r}; known: {sorted(VARIANTS)}")
     for key, value in VARIANTS[variant].items():

@@ -17,7 +17,7 @@ from migjax.rollout import SamplingRules, sample
 def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verifier, *,
              rules: SamplingRules, batch_size: int, k: int, key, put=jnp.asarray,
              fetch=np.asarray, max_examples: int | None = None):
-    """{"pass@1": greedy accuracy, "pass@k": any of k samples correct, "mean@k": the fraction
+    """{"pass_at_1": greedy accuracy, "pass_at_k": any of k samples correct, "mean_at_k": the fraction
     of the k samples that are correct (the sampling policy's own accuracy)} and example rows.
 
     Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
@@ -46,10 +46,10 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
                          reference=data.answers[i][0] if data.answers[i] else "")
                     for i, t, o in zip(idx[:real], texts1, ok1, strict=False)]
-    out = {"pass@1": float(np.mean(hits1)) if hits1 else 0.0}
+    out = {"pass_at_1": float(np.mean(hits1)) if hits1 else 0.0}
     if k > 0:
-        out[f"pass@{k}"] = float(np.mean(hitsk)) if hitsk else 0.0
-        out[f"mean@{k}"] = float(np.mean(meank)) if meank else 0.0
+        out[f"pass_at_{k}"] = float(np.mean(hitsk)) if hitsk else 0.0
+        out[f"mean_at_{k}"] = float(np.mean(meank)) if meank else 0.0
     return out, rows
 
 

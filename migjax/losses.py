@@ -62,13 +62,17 @@ def ppo_surrogate(
     log_ratio_NxC = jnp.where(mask_NxC, logp_NxC - old_logp_NxC, 0.0)
     adv_NxC = jnp.where(mask_NxC, adv_NxC, 0.0)
     ratio_NxC = jnp.exp(log_ratio_NxC)
-    clipped_NxC = jnp.clip(ratio_NxC, 1.0 - eps_low, 1.0 + eps_high)
-    per_token_NxC = -jnp.minimum(ratio_NxC * adv_NxC, clipped_NxC * adv_NxC)
-    loss = aggregate(per_token_NxC, mask_NxC, aggregation)
     ratio = jax.lax.stop_gradient(ratio_NxC)
     clip_active = ((adv_NxC > 0) & (ratio > 1.0 + eps_high)) | (
         (adv_NxC < 0) & (ratio < 1.0 - eps_low)
     )
+    # -min(ratio A, clip(ratio) A), with the branch chosen explicitly: where the clipped branch
+    # is active it is a constant (no gradient), elsewhere the gradient is exactly A * ratio.
+    # Written as a min of clip, a tie (ratio on a clip bound, e.g. ratio 1 with eps 0) would split
+    # the gradient between the branches.
+    clipped_NxC = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token_NxC = -jnp.where(clip_active, clipped_NxC, ratio_NxC) * adv_NxC
+    loss = aggregate(per_token_NxC, mask_NxC, aggregation)
     stats = {
         "clipfrac": masked_mean(clip_active.astype(jnp.float32), mask_NxC),
         "approx_kl": masked_mean((ratio - 1.0) - jax.lax.stop_gradient(log_ratio_NxC), mask_NxC),

@@ -19,7 +19,7 @@ from migjax.metrics import METRICS_FILE, read_metrics
 
 DEFAULT_KEYS = (
     "reward/correct",
-    "eval/pass@1",
+    "eval/pass_at_1",
     "mig/gain_sum",
     "mig/lK",
     "policy/entropy",

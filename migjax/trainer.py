@@ -101,6 +101,7 @@ def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
     """The host-side reward stage (verification, segmentation, step likelihoods) of a config."""
     return RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
                        probe=c.mig.probe, verifier=verifier,
+                       completion_prefix=c.task.completion_prefix,
                        rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
                                       variant_reduce=c.mig.variant_reduce,
                                       count_closing_tokens=c.mig.count_closing_tokens,
@@ -180,6 +181,7 @@ def train(c, workdir: str) -> dict:
     else:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
                               mesh)
+        writer.write(0, {**before, "time/elapsed_s": time.time() - t_start})  # curves start here
         say("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())))
 
     bar = tqdm(range(start, c.rl.steps), initial=start, total=c.rl.steps, desc="rl",
@@ -275,7 +277,8 @@ def log_samples(c, workdir, step, info, batch):
         rows.append({"completion": text, "pred": info["preds"][i], "ref": info["refs"][i][0],
                      "correct": rc[i], "gain": float(g[i].sum())})
         k = int(info["seg"].num_steps_N[i])
-        spans = step_spans_text(text, max_steps=k) if k else []
+        spans = (step_spans_text(text, max_steps=k, delimiter=c.mig.step_delimiter)
+                 if k else [])
         html_rows.append(dict(prompt="", completion=text, reward=float(rc[i]),
                               correct=bool(rc[i] > 0.5),
                               steps=[(text[a:b], float(g[i, j])) for j, (a, b) in

@@ -43,6 +43,7 @@ class UpdateHParams:
     # advantages
     estimator: str = "grpo"
     std_normalize: bool = True
+    unbiased_std: bool = False
     # loss
     alpha: float = 1.0
     beta: float = 1.0
@@ -64,9 +65,9 @@ class UpdateHParams:
             mig_reward=c.mig.reward, likelihood_space=c.mig.likelihood_space,
             advantage_mode=c.mig.advantage_mode, reward_to_go=c.mig.reward_to_go,
             decoupled=c.mig.decoupled, estimator=c.adv.estimator,
-            std_normalize=c.adv.std_normalize, alpha=c.loss.alpha, beta=c.loss.beta,
-            gamma=c.loss.gamma, eps_low=c.loss.eps_low, eps_high=c.loss.eps_high,
-            aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
+            std_normalize=c.adv.std_normalize, unbiased_std=c.adv.unbiased_std,
+            alpha=c.loss.alpha, beta=c.loss.beta, gamma=c.loss.gamma, eps_low=c.loss.eps_low,
+            eps_high=c.loss.eps_high, aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
             kl_estimator=c.loss.kl_estimator, sft_gates=tuple(c.sft.gates),
             nan_at_step=c.debug.nan_at_step)
 
@@ -82,12 +83,16 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
     l, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, hp)
     gains_N = wm_lib.gain_sum(wm)
     r_out_N = batch.r_correct_N + hp.w_format * batch.r_format_N
-    norm = dict(estimator=hp.estimator, std_normalize=hp.std_normalize)
+    norm = dict(estimator=hp.estimator, std_normalize=hp.std_normalize,
+                unbiased_std=hp.unbiased_std)
     adv_out_N = adv_lib.group_advantages(r_out_N, hp.group_size, **norm)
     if hp.mig_reward == "end_of_cot":
-        # l_K only (VeriFree/RLPR-style), one value per trajectory; no CoT -> no process reward
-        r_proc_N = jnp.where(batch.num_steps_N > 0, wm_lib.end_of_cot(l, batch.num_steps_N), 0.0)
-        proc_seq_N = adv_lib.group_advantages(r_proc_N, hp.group_size, **norm)
+        # l_K only (VeriFree/RLPR-style), one value per trajectory. A completion without a CoT
+        # has no l_K: it is left out of its group's statistics and gets 0, so it can neither
+        # outrank the completions with a CoT nor pull their advantages down.
+        has_cot_N = batch.num_steps_N > 0
+        proc_seq_N = adv_lib.group_advantages(wm_lib.end_of_cot(l, batch.num_steps_N),
+                                              hp.group_size, valid_N=has_cot_N, **norm)
         adv_proc_NxC = jnp.where(batch.cot_mask_NxC, proc_seq_N[:, None], 0.0)
     else:
         adv_proc_NxC = adv_lib.token_process_advantages(
@@ -97,7 +102,8 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
             hp.advantage_mode, wm.g_NxK, wm.step_mask_NxK, hp.group_size, **norm)
     streams = adv_lib.combine_streams(
         adv_proc_NxC, adv_out_N, batch.cot_mask_NxC, batch.mask_NxC, decoupled=hp.decoupled,
-        proc_seq_N=proc_seq_N if hp.advantage_mode == "trajectory" else None)
+        proc_seq_N=proc_seq_N if hp.advantage_mode == "trajectory" else None,
+        alpha=hp.alpha, beta=hp.beta)
     sft_pass_N = losses.sft_gate(batch.r_correct_N, batch.r_format_N, gains_N, hp.sft_gates)
     stats = {
         "reward/correct": jnp.mean(batch.r_correct_N),
@@ -111,6 +117,12 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
         "mig/no_cot_frac": jnp.mean((batch.num_steps_N == 0).astype(jnp.float32)),
         "adv/process_std": _masked_std(streams.adv_process_NxC, streams.mask_process_NxC),
         "adv/outcome_std": jnp.std(adv_out_N),
+        # groups where the outcome reward cannot rank anything: no right answer at all, or the
+        # same r_out for every sample (outcome advantage exactly 0)
+        "reward/all_wrong_group_frac": jnp.mean(
+            jnp.max(batch.r_correct_N.reshape(-1, hp.group_size), axis=1) <= 0.5),
+        "adv/outcome_zero_var_frac": jnp.mean(
+            jnp.ptp(r_out_N.reshape(-1, hp.group_size), axis=1) == 0.0),
         "adv/corr_process_outcome": _corr(proc_seq_N, adv_out_N),
     }
     return streams, sft_pass_N, stats
@@ -175,6 +187,7 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
         ref = jax.lax.map(lambda b: lp_fn(ref_params, b)[0], jax.tree.map(split, batch))
         ref_logp_NxC = jax.lax.stop_gradient(ref.reshape(n, -1))
     rows = dict(batch=batch, streams=streams, sft=sft_pass_N, old=old_logp_NxC, ref=ref_logp_NxC)
+    w_proc, w_out = adv_lib.stream_weights(hp.decoupled, hp.alpha, hp.beta)
 
     def loss_fn(params, r, step):
         logp, ent = lp_fn(params, r["batch"])
@@ -183,7 +196,7 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
         total, m = losses.objective(
             logp, old, s.adv_process_NxC, s.mask_process_NxC, s.adv_outcome_NxC,
             s.mask_outcome_NxC, r["batch"].mask_NxC, r["sft"], ref_logp_NxC=r["ref"],
-            alpha=hp.alpha, beta=hp.beta, gamma=hp.gamma, kl_coef=hp.kl_coef,
+            alpha=w_proc, beta=w_out, gamma=hp.gamma, kl_coef=hp.kl_coef,
             kl_kind=hp.kl_estimator, eps_low=hp.eps_low, eps_high=hp.eps_high,
             aggregation=hp.aggregation)
         if hp.nan_at_step == NAN_EVERY_UPDATE:

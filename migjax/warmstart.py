@@ -117,6 +117,8 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     n = w.steps * w.batch_size
     items = [task[i % len(task)] for i in range(n)]
     demos = demonstrations(items, w.distracted_prob, c.seed)
+    prefix = c.task.completion_prefix  # the rendered prompt already ends with it
+    demos = [d[len(prefix):] if prefix and d.startswith(prefix) else d for d in demos]
     (tokens, mask, loss_mask), dropped = encode_demos(
         tokenizer, [render(it.question) for it in items], demos, w.max_len)
     batches = length_grouped_batches(mask.sum(axis=1), w.batch_size, w.group_by_length, c.seed,

@@ -14,7 +14,7 @@ parameters, not from sampling noise:
   sampled_test, greedy_test: the same on the `test` evaluation set (`task.eval_limit` problems).
 `--shuffle_rewards` permutes the outcome rewards (and with them the SFT gate) within each batch
 before the update: a control that keeps the update's size and noise but not its outcome signal.
-The MIG process stream keeps its own signal; with `--config=configs/arith_tiny.py:grpo` the
+The MIG process stream keeps its own signal; with `--config=configs/arith_tiny.py:grpo_matched` the
 control has none. Prints one JSON object per measurement.
 """
 

@@ -73,11 +73,11 @@ def test_two_processes_train_in_lockstep(tmp_path):
     assert a["metrics"][1]["optim/grad_norm"] > 0 and a["param_digests"][0] != \
         a["param_digests"][1]
 
-    # Process 0 wrote one copy of every output: one metrics line per step, then the final
+    # Process 0 wrote one copy of every output: the evaluation before RL, one metrics line per step, then the final
     # evaluation; one summary; the warm-start model; checkpoints saved together.
     lines = helpers.metrics_lines(work)
-    assert [r["step"] for r in lines] == [1, 2, 2]
-    for line, m in zip(lines, a["metrics"], strict=False):
+    assert [r["step"] for r in lines] == [0, 1, 2, 2]
+    for line, m in zip(lines[1:], a["metrics"], strict=False):
         assert line == pytest.approx(helpers.comparable(m) | {"step": line["step"]})
     with open(work / "summary.json", encoding="utf-8") as f:
         assert json.load(f)["after"] == a["summary"]["after"]

@@ -202,5 +202,5 @@ def test_run_stops_after_max_consecutive_skips(tmp_path):
     assert f"last good checkpoint: 2 in {ckdir}" in msg
     assert sorted(os.listdir(ckdir)) == ["1", "2"]
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [r["step"] for r in lines] == [1, 2]
-    assert all(r["update/skipped"] == 1.0 for r in lines)
+    assert [r["step"] for r in lines] == [0, 1, 2]  # evaluation before RL, then the steps
+    assert all(r["update/skipped"] == 1.0 for r in lines[1:])

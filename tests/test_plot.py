@@ -24,7 +24,7 @@ def two_runs(tmp_path):
         [
             (1, {"reward/correct": 0.1, "loss/total": 2.0}),
             (2, {"reward/correct": 0.3, "loss/total": float("nan")}),
-            (2, {"eval/pass@1": 0.5}),
+            (2, {"eval/pass_at_1": 0.5}),
         ],
     )
     b = _run(
@@ -40,9 +40,9 @@ def two_runs(tmp_path):
 def test_collect_curves_default_keys(two_runs):
     a, b = two_runs
     curves = collect_curves([a, b])
-    assert list(curves) == ["reward/correct", "eval/pass@1", "mig/gain_sum", "loss/total"]
+    assert list(curves) == ["reward/correct", "eval/pass_at_1", "mig/gain_sum", "loss/total"]
     assert curves["reward/correct"] == [("grpo", [1, 2], [0.1, 0.3]), ("mig", [1, 3], [0.2, 0.4])]
-    assert curves["eval/pass@1"] == [("grpo", [2], [0.5])]
+    assert curves["eval/pass_at_1"] == [("grpo", [2], [0.5])]
     assert curves["mig/gain_sum"] == [("mig", [1], [0.7])]
     ((label, steps, values),) = curves["loss/total"]
     assert label == "grpo" and steps == [1, 2] and values[0] == 2.0 and math.isnan(values[1])

@@ -43,7 +43,7 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     train_lines = [r for r in lines if "reward/correct" in r]
     assert [r["step"] for r in train_lines] == list(range(1, steps + 1))
     eval_keys = {f"eval/{n}/{m}" for n in eval_names
-                 for m in ("pass@1", f"pass@{pass_k}", f"mean@{pass_k}")}
+                 for m in ("pass_at_1", f"pass_at_{pass_k}", f"mean_at_{pass_k}")}
     for r, metrics in zip(train_lines, rec["metrics"], strict=True):
         missing = [k for k in helpers.STEP_METRICS + helpers.LOSS_METRICS if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
@@ -58,7 +58,8 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
         assert all(r[k] > 0 for k in ("perf/rollout_tok_s", "perf/score_tok_s",
                                       "perf/update_tok_s"))
         assert r["update/skipped"] == 0.0
-    final = lines[-1]
+    first, final = lines[0], lines[-1]  # evaluation before RL is logged at step 0
+    assert first["step"] == 0 and {k: first[k] for k in eval_keys} == summary["before"]
     assert final["step"] == steps and eval_keys <= set(final)
     assert {k: final[k] for k in eval_keys} == {k: summary["after"][k] for k in eval_keys}
     assert eval_keys == set(summary["before"]) == set(summary["after"])
@@ -81,8 +82,8 @@ def test_arith_tiny_end_to_end(tmp_path, compile_cache):
     summary, rec = run("arith_tiny", tmp_path, ov)
     lines = check_run(tmp_path, rec, summary, steps=3, eval_names=("test", "ood"), pass_k=2,
                       ckpt_steps=[2, 3])
-    mid = [r for r in lines if r["step"] == 2 and "eval/test/pass@1" in r]
-    assert len(mid) == 1 and "eval/ood/pass@2" in mid[0]
+    mid = [r for r in lines if r["step"] == 2 and "eval/test/pass_at_1" in r]
+    assert len(mid) == 1 and "eval/ood/pass_at_2" in mid[0]
     assert os.path.isfile(tmp_path / "sft_model" / "config.json")  # the warm start's output
     assert os.path.isfile(tmp_path / "samples" / "step_000002.html")
     assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer.json")
@@ -120,17 +121,17 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
         summary = json.load(f)
     out = proc.stdout
     assert "evaluation            before    after" in out
-    for key in ("eval/test/pass@1", "eval/test/pass@2", "eval/ood/pass@1", "eval/ood/pass@2"):
+    for key in ("eval/test/pass_at_1", "eval/test/pass_at_2", "eval/ood/pass_at_1", "eval/ood/pass_at_2"):
         m = re.search(rf"^{re.escape(key)}\s+(\S+)\s+(\S+)$", out, re.M)
         assert m, f"no row {key} in:\n{out}"
         assert float(m.group(1)) == pytest.approx(summary["before"][key], abs=5e-4)
         assert float(m.group(2)) == pytest.approx(summary["after"][key], abs=5e-4)
     for when in ("before", "after"):  # a sample is right no more often than any of k is
         for name in ("test", "ood"):
-            mean, any_k = summary[when][f"eval/{name}/mean@2"], summary[when][f"eval/{name}/pass@2"]
+            mean, any_k = summary[when][f"eval/{name}/mean_at_2"], summary[when][f"eval/{name}/pass_at_2"]
             assert 0.0 <= mean <= any_k <= 2 * mean + 1e-9
     assert f"metrics      {tmp_path / 'metrics.jsonl'}" in out
-    assert [r["step"] for r in read_lines(tmp_path)] == [1, 2, 2]
+    assert [r["step"] for r in read_lines(tmp_path)] == [0, 1, 2, 2]
 
 
 GOOD = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
@@ -176,7 +177,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path, tiny_model, compile
     for line in bad_lines:  # each skipped record is named by file and line
         assert f"{train_file}:{line}: skipped record" in text
     assert re.search(rf"{re.escape(str(eval_file))}: skipped 1 malformed records", text)
-    assert set(summary["after"]) == {"eval/mine/pass@1", "eval/mine/pass@2", "eval/mine/mean@2"}
+    assert set(summary["after"]) == {"eval/mine/pass_at_1", "eval/mine/pass_at_2", "eval/mine/mean_at_2"}
 
     strict = dict(ov, **{"task.strict": True})
     with pytest.raises(DataError, match=re.escape(f"{train_file}:{bad_lines[0]}: invalid JSON")):
@@ -184,11 +185,11 @@ def test_malformed_records_are_skipped_and_counted(tmp_path, tiny_model, compile
 
 
 def test_variants_change_only_the_update(tmp_path, sft_model, compile_cache):
-    """grpo, stepwise and coupled run 2 finite steps; their first rollout equals the MIG run's
+    """grpo_matched, stepwise and coupled run 2 finite steps; their first rollout equals the MIG run's
     (sampling does not depend on the loss) while their losses follow their settings."""
     ov = helpers.shrink("arith_tiny", model_path=sft_model, rl__steps=2)
     recs = {}
-    for variant in ("mig", "grpo", "stepwise", "coupled"):
+    for variant in ("mig", "grpo_matched", "stepwise", "coupled"):
         _, recs[variant] = run("arith_tiny", tmp_path / variant, ov, variant)
         assert recs[variant]["steps"] == [1, 2]
         for m in recs[variant]["metrics"]:
@@ -206,8 +207,8 @@ def test_variants_change_only_the_update(tmp_path, sft_model, compile_cache):
             assert first[k] == pytest.approx(mig[k], rel=1e-5, abs=1e-6), (variant, k)
     assert mig["loss/total"] == pytest.approx(
         mig["loss/process"] + mig["loss/outcome"] + 0.1 * mig["loss/sft"], rel=1e-4, abs=1e-6)
-    grpo = recs["grpo"]["metrics"][0]  # alpha = gamma = 0: the outcome stream alone...
-    for m in recs["grpo"]["metrics"]:
+    grpo = recs["grpo_matched"]["metrics"][0]  # alpha = gamma = 0: the outcome stream alone...
+    for m in recs["grpo_matched"]["metrics"]:
         assert m["loss/total"] == pytest.approx(m["loss/outcome"], rel=1e-5, abs=1e-7)
     for k in ("loss/process", "loss/outcome", "adv/process_std"):  # ...of unchanged advantages
         assert grpo[k] == pytest.approx(mig[k], rel=1e-5, abs=1e-7), k

@@ -73,7 +73,7 @@ def _line_spans(body: str) -> list[tuple[int, int, bool]]:
     return out
 
 
-def _body_spans(body: str, delimiter: str) -> list[tuple[int, int]]:
+def body_step_spans(body: str, delimiter: str) -> list[tuple[int, int]]:
     """Step content spans inside the CoT body (offsets relative to `body`), before the cap."""
     if delimiter == "step":
         starts = [m.start() for m in _STEP_RE.finditer(body)]
@@ -107,7 +107,7 @@ def _layout(
     if close_start < 0:
         return _Layout(open_start, open_end, -1, -1, [])
     body = text[open_end:close_start]
-    spans = [(open_end + s, open_end + e) for s, e in _body_spans(body, delimiter)]
+    spans = [(open_end + s, open_end + e) for s, e in body_step_spans(body, delimiter)]
     if max_steps is not None and len(spans) > max_steps:
         spans = spans[: max_steps - 1] + [(spans[max_steps - 1][0], spans[-1][1])]
     return _Layout(open_start, open_end, close_start, close_start + len(think_close), spans)
@@ -179,6 +179,7 @@ def segment_completions(
     delimiter: str = "step",
     think_open: str = "<think>",
     think_close: str = "</think>",
+    prefix: str = "",
 ) -> Segmentation:
     """Segments N completions into at most `max_steps` CoT steps (see the module docstring).
 
@@ -190,6 +191,10 @@ def segment_completions(
       max_steps: K, the static step capacity; later steps merge into step K.
       delimiter: "step" (a line starting `Step <n>:`), "newline" (every non-blank line is a
         step) or "blank_line" (paragraphs separated by blank lines).
+      prefix: text that ends the prompt and that every completion continues (a forced
+        `task.completion_prefix` such as "<think>\n"). It is segmented as if it were the
+        completion's first token, sitting just before position 0: tags in it count, and a cut
+        inside it is 0 (the prompt already holds it).
     """
     _check_options(delimiter, think_open, think_close, max_steps)
     tokens_NxC = np.asarray(tokens_NxC)
@@ -216,7 +221,11 @@ def segment_completions(
                 f"token_strings (size {vocab})"
             )
         pieces = [token_strings[i] for i in ids_R.tolist()]
+        if prefix:
+            pieces, pos_R = [prefix, *pieces], np.concatenate([[-1], pos_R])
         step_id_R, cot_R, cuts, k = _segment_one(pieces, pos_R, layout_args, max_steps)
+        if prefix:
+            step_id_R, cot_R, pos_R = step_id_R[1:], cot_R[1:], pos_R[1:]
         step_id_NxC[n, pos_R] = step_id_R
         cot_mask_NxC[n, pos_R] = cot_R
         cuts_NxK1[n] = cuts

@@ -40,10 +40,16 @@ def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_
 
 
 class RewardStage:
-    """Turns a rollout into a `TrainBatch`, plus the decoded texts for logging."""
+    """Turns a rollout into a `TrainBatch`, plus the decoded texts for logging.
+
+    `completion_prefix` is the text the prompt ends with and every completion continues
+    (`task.completion_prefix`, e.g. "<think>\n"): verification, the format reward and step
+    segmentation read it as the start of each completion, so a forced opening tag still counts.
+    """
 
     def __init__(self, tokenizer, token_strings: list[str], *, probe: str, rules: MigRules,
-                 verifier: Verifier, format_kw: dict | None = None):
+                 verifier: Verifier, format_kw: dict | None = None,
+                 completion_prefix: str = ""):
         self.tokenizer = tokenizer
         self.token_strings = token_strings
         self.probe_Q = jnp.asarray(tokenizer.encode(probe, add_special_tokens=False), jnp.int32)
@@ -51,16 +57,18 @@ class RewardStage:
             raise ValueError(f"mig.probe={probe!r} encodes to no tokens")
         self.rules = rules
         self.verifier = verifier
-        self.format_kw = format_kw or {}
+        self.format_kw = {"delimiter": rules.delimiter, **(format_kw or {})}
+        self.prefix = completion_prefix
 
     def texts(self, tokens_NxC, mask_NxC) -> list[str]:
-        return [self.tokenizer.decode(t[m], skip_special_tokens=True)
+        """Each completion as text, the forced prefix included."""
+        return [self.prefix + self.tokenizer.decode(t[m], skip_special_tokens=True)
                 for t, m in zip(np.asarray(tokens_NxC), np.asarray(mask_NxC, bool), strict=True)]
 
     def segment(self, rollout: Rollout) -> Segmentation:
         return segment_completions(np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC),
                                    self.token_strings, max_steps=self.rules.max_steps,
-                                   delimiter=self.rules.delimiter)
+                                   delimiter=self.rules.delimiter, prefix=self.prefix)
 
     def __call__(self, graphdef, scorer_params, rollout: Rollout, answer_BxVxA,
                  answer_mask_BxVxA, refs_B: list[tuple[str, ...]], group_size: int):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from migjax.rewards.answers import clean, extract_answer, numbers_equal, parse_number
+from migjax.rewards.segment import body_step_spans
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +228,15 @@ def format_reward(
     think_close: str = "</think>",
     answer_open: str = "<answer>",
     answer_close: str = "</answer>",
-    step_regex: str = r"(?m)^Step \d+:",
+    delimiter: str = "step",
+    step_regex: str | None = None,
 ) -> float:
     """1.0 when `text` is exactly one think block holding at least one step, then one
-    non-empty answer block, with only whitespace around them; else 0.0."""
+    non-empty answer block, with only whitespace around them; else 0.0.
+
+    A step is what segmentation (`mig.step_delimiter`) calls one: a `Step <n>:` line for
+    "step", a non-blank line for "newline" and "blank_line"; `step_regex`, when given, replaces
+    that rule with "the think block matches this regex"."""
     tags = (think_open, think_close, answer_open, answer_close)
     if not isinstance(text, str) or not all(tags):
         return 0.0
@@ -247,9 +253,13 @@ def format_reward(
     answer = rest[len(answer_open) : len(rest) - len(answer_close)]
     if any(t in think or t in answer for t in tags):
         return 0.0
-    if not answer.strip() or re.search(step_regex, think) is None:
+    if not answer.strip():
         return 0.0
-    return 1.0
+    if step_regex is not None:
+        has_step = re.search(step_regex, think) is not None
+    else:
+        has_step = bool(body_step_spans(think, delimiter))
+    return 1.0 if has_step else 0.0
 
 
 def outcome_rewards(
