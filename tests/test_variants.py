@@ -268,3 +268,19 @@ def test_group_sparsity_metrics():
     _, _, stats = credit(wrong, hp)
     assert float(stats["reward/all_wrong_group_frac"]) == 0.5
     assert float(stats["adv/outcome_zero_var_frac"]) == 0.5
+
+
+def test_method_doc_lists_every_variant_with_its_switches():
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "METHOD.md")
+    rows = {}
+    for line in open(path, encoding="utf-8"):
+        m = re.match(r"\| `(\w+)` \| (.*?) \|", line)
+        if m:
+            rows[m.group(1)] = set(re.findall(r"`([\w.]+)=", m.group(2)))
+    assert set(rows) == set(VARIANTS)
+    for name, switches in VARIANTS.items():
+        assert rows[name] == set(switches), name
