@@ -89,12 +89,17 @@ def test_token_logprobs_equal_full_log_softmax(model_parts, batch, fns, referenc
     assert np.asarray(ent)[:, 1:][real].max() < np.log(CFG.vocab_size) - 0.5
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12, 64])
-def test_chunked_logprobs_any_chunk_size(model_parts, batch, fns, reference, chunk_size):
-    """Chunk sizes that divide T - 1 = 12, that do not, and one larger than the sequence."""
+# max_logits_bytes 0 forces the chunked, rematerialised path; None the one-block path
+@pytest.mark.parametrize("chunk_size,budget", [(1, 0), (4, 0), (5, 0), (12, 0), (64, 0),
+                                               (5, None)])
+def test_chunked_logprobs_any_chunk_size(model_parts, batch, fns, reference, chunk_size, budget):
+    """Chunk sizes that divide T - 1 = 12, that do not, and one larger than the sequence; and
+    logits small enough for one block."""
     _, params = model_parts
     h = fns["hidden"](params, *batch)
-    f = jax.jit(functools.partial(chunked_logprobs, chunk_size=chunk_size, with_entropy=True))
+    kw = {} if budget is None else {"max_logits_bytes": budget}
+    f = jax.jit(functools.partial(chunked_logprobs, chunk_size=chunk_size, with_entropy=True,
+                                  **kw))
     lp, ent = f(h[:, :-1], fns["head"](params), batch[0][:, 1:])
     want_lp, want_ent = np_reference(reference, batch[0])
     assert lp.shape == (N, T - 1)
@@ -126,8 +131,10 @@ def test_temperature_scales_the_logits(model_parts, batch, fns, reference):
     assert np.abs(np.asarray(lp) - plain).max() > 1e-2
 
 
-@pytest.mark.parametrize("chunk_size,temperature", [(5, 1.0), (12, 0.7)])
-def test_gradients_equal_the_direct_version(model_parts, batch, fns, chunk_size, temperature):
+@pytest.mark.parametrize("chunk_size,temperature,budget", [(5, 1.0, 0), (12, 0.7, 0),
+                                                           (5, 0.7, None)])
+def test_gradients_equal_the_direct_version(model_parts, batch, fns, chunk_size, temperature,
+                                            budget):
     """d/d(hidden states, head) of a weighted sum of log-probs and entropies through the chunked,
     rematerialised path equals the gradient through full logits. token_logprobs is the decoder's
     hidden states fed to chunked_logprobs, so by the chain rule its parameter gradients agree too.
@@ -140,8 +147,9 @@ def test_gradients_equal_the_direct_version(model_parts, batch, fns, chunk_size,
     wt = jnp.asarray(np.random.RandomState(1).randn(N, T - 1), jnp.float32) * mask[:, 1:]
 
     def chunked(h, w):
+        kw = {} if budget is None else {"max_logits_bytes": budget}
         lp, ent = chunked_logprobs(h, w, y, chunk_size=chunk_size, temperature=temperature,
-                                   with_entropy=True)
+                                   with_entropy=True, **kw)
         return jnp.sum(wt * lp) + 0.3 * jnp.sum(wt * ent)
 
     def direct(h, w):
