@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from migjax.models.transformer import Transformer, causal_inputs
 
-
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits up to 1 GiB are materialised whole
 
 
