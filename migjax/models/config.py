@@ -13,7 +13,10 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", True, False),
     "qwen3": ("Qwen3ForCausalLM", False, True),
     "llama": ("LlamaForCausalLM", False, False),
+    "gemma3_text": ("Gemma3ForCausalLM", False, True),
 }
+GEMMA = "gemma3_text"
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +44,25 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations (scores and losses are float32)
     remat: bool = False  # rematerialise each layer in the backward pass
+    # Gemma 3 (model_type gemma3_text): local layers attend to the last `sliding_window`
+    # positions and use rope base `rope_local_theta`; global layers use `rope_theta`
+    layer_types: tuple[str, ...] | None = None  # per layer: full_attention | sliding_attention
+    sliding_window: int | None = None
+    rope_local_theta: float = 10000.0
+    query_pre_attn_scalar: float | None = None  # attention scale q.k / sqrt(this); None: head_dim
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; migjax supports {sorted(ARCHITECTURES)}"
             )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(
+                    LAYER_TYPES):
+                raise ValueError(f"layer_types {self.layer_types} must give one of {LAYER_TYPES} "
+                                 f"for each of the {self.num_layers} layers")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding_attention layers need a sliding_window >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -59,6 +75,20 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's conventions: embeddings scaled by sqrt(D), norms scale by (1 + w), GeGLU,
+        norms after attention and after the MLP as well as before them."""
+        return self.model_type == GEMMA
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        return tuple(t == "sliding_attention" for t in self.layer_types or ())
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, h, kv, hd, v = (self.hidden_size, self.intermediate_size, self.num_heads,
                               self.num_kv_heads, self.head_dim, self.vocab_size)
@@ -67,7 +97,7 @@ class ModelConfig:
             attn += hd * (h + 2 * kv)
         if self.qk_norm:
             attn += 2 * hd
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + (4 if self.is_gemma else 2) * d
         n = self.num_layers * layer + d
         if include_embedding:
             n += v * d * (1 if self.tie_word_embeddings else 2)
@@ -87,9 +117,24 @@ class ModelConfig:
                 f"migjax supports model_type in {sorted(ARCHITECTURES)}"
             )
         _, bias, qk_norm = ARCHITECTURES[model_type]
-        # transformers 5 moves rope_theta / rope_scaling into `rope_parameters`.
+        # transformers 5 moves rope_theta / rope_scaling into `rope_parameters` (for Gemma 3, one
+        # dict per layer type).
         rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        gemma = model_type == GEMMA
+        local = {}
+        if gemma:
+            local = dict(rope.pop("sliding_attention", None) or {})
+            rope = dict(rope.pop("full_attention", None) or rope)
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope type {local['rope_type']!r} for the "
+                                 "sliding_attention layers (supported: default)")
+            for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+                if hf.get(cap) is not None:
+                    raise ValueError(f"{cap}={hf[cap]} is not supported (Gemma 3 has none)")
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError("use_bidirectional_attention=True is not supported")
+        default_theta = 1000000.0 if gemma else 10000.0
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", default_theta)
         scaling = hf.get("rope_scaling") or (rope if rope else None)
         if scaling:
             scaling = dict(scaling)
@@ -97,9 +142,27 @@ class ModelConfig:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
             if kind == "default":
                 scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r} "
+                                 "(supported: llama3, linear)")
+            else:
+                scaling["rope_type"] = kind
+                scaling.pop("type", None)
         heads = hf["num_attention_heads"]
+        if gemma:
+            n_layers = hf["num_hidden_layers"]
+            types = hf.get("layer_types") or [
+                "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) else
+                "full_attention" for i in range(n_layers)]
+            act = hf.get("hidden_activation") or hf.get("hidden_act")
+            if act not in (None, "gelu_pytorch_tanh"):
+                raise ValueError(f"hidden_activation={act!r} is not supported (gelu_pytorch_tanh)")
+            extra = dict(layer_types=tuple(types), sliding_window=hf.get("sliding_window", 4096),
+                         rope_local_theta=float(local.get("rope_theta") or
+                                                hf.get("rope_local_base_freq", 10000.0)),
+                         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))
+        else:
+            extra = {}
         kw = dict(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -112,14 +175,16 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            # transformers' Qwen2/Qwen3/Llama configs all default to an untied head.
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # transformers' Qwen2/Qwen3/Llama configs default to an untied head, Gemma's to a
+            # tied one.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             attention_bias=bool(hf.get("attention_bias", bias)),
             qk_norm=qk_norm,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_as_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
+            **extra,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -174,6 +239,19 @@ class ModelConfig:
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
         if self.model_type == "qwen3":
             hf.update(attention_bias=self.attention_bias)
+        if self.is_gemma:
+            del hf["hidden_act"]
+            full = {"rope_type": "default", "rope_theta": self.rope_theta,
+                    **(self.rope_scaling_dict or {})}
+            hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=self.attention_bias,
+                      layer_types=list(self.layer_types or ["full_attention"] * self.num_layers),
+                      sliding_window=self.sliding_window,
+                      rope_local_base_freq=self.rope_local_theta,
+                      rope_parameters={"full_attention": full, "sliding_attention": {
+                          "rope_type": "default", "rope_theta": self.rope_local_theta}},
+                      query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar
+                                                          or self.head_dim),
+                      final_logit_softcapping=None, attn_logit_softcapping=None)
         return hf
 
     @property
@@ -182,6 +260,10 @@ class ModelConfig:
         if e is None:
             return ()
         return tuple(e) if isinstance(e, tuple) else (e,)
+
+
+def _int_if_whole(x):
+    return int(x) if float(x).is_integer() else x
 
 
 def _as_ids(x):

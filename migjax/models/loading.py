@@ -74,10 +74,15 @@ def name_map(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap("q_norm", a + "q_norm.weight", (("Dh",),), ("Dh",)),
             TensorMap("k_norm", a + "k_norm.weight", (("Dh",),), ("Dh",)),
         ]
+    norm = lambda ours, hf: TensorMap(ours, f"model.layers.{{i}}.{hf}.weight", (("D",),), ("D",))
+    out.append(TensorMap("wo", a + "o_proj.weight", (("D",), ("H", "Dh")), ("H", "Dh", "D")))
+    if cfg.is_gemma:  # norms before and after both attention and the MLP
+        out += [norm("post_attn_norm", "post_attention_layernorm"),
+                norm("mlp_norm", "pre_feedforward_layernorm"),
+                norm("post_mlp_norm", "post_feedforward_layernorm")]
+    else:
+        out.append(norm("mlp_norm", "post_attention_layernorm"))
     out += [
-        TensorMap("wo", a + "o_proj.weight", (("D",), ("H", "Dh")), ("H", "Dh", "D")),
-        TensorMap("mlp_norm", "model.layers.{i}.post_attention_layernorm.weight", (("D",),),
-                  ("D",)),
         TensorMap("w_gate", m + "gate_proj.weight", (("F",), ("D",)), ("D", "F")),
         TensorMap("w_up", m + "up_proj.weight", (("F",), ("D",)), ("D", "F")),
         TensorMap("w_down", m + "down_proj.weight", (("D",), ("F",)), ("F", "D")),

@@ -1,5 +1,8 @@
-"""The decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3, SmolLM2) as a Flax NNX module
-whose layers are stacked along a leading axis and applied with `lax.scan`, plus its KV cache.
+"""The decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3, SmolLM2, Gemma 3) as a Flax NNX
+module whose layers are stacked along a leading axis and applied with `lax.scan`, plus its KV
+cache. Gemma 3's local layers attend to the last `sliding_window` positions (the distance of
+position ids without a cache, of cache slots with one: a left-padded cache holds each sequence's
+tokens in consecutive slots), with their own rope base.
 
 Every parameter has logical axis names in `PARAM_AXES`; `migjax.models.sharding` maps them
 onto a `(data, fsdp, tensor)` mesh.
@@ -32,6 +35,8 @@ PARAM_AXES = {
     "k_norm": ("layers", "head_dim"),
     "wo": ("layers", "heads", "head_dim", "embed"),
     "mlp_norm": ("layers", "embed"),
+    "post_attn_norm": ("layers", "embed"),  # Gemma: on the attention output
+    "post_mlp_norm": ("layers", "embed"),  # Gemma: on the MLP output
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
@@ -63,11 +68,14 @@ class KVCache(NamedTuple):
                        jnp.repeat(self.mask_NxS, g, axis=0), self.index)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies, with Llama 3 long-context scaling when the config asks for it."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
+    """Inverse frequencies, with Llama 3 or linear scaling when the config asks for it (`theta`
+    given: a plain rope of that base, for Gemma's local layers)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    sc = cfg.rope_scaling_dict
+    inv = 1.0 / ((theta or cfg.rope_theta) ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = None if theta else cfg.rope_scaling_dict
+    if sc and sc.get("rope_type") == "linear":
+        return inv / sc["factor"]
     if sc:
         factor = sc["factor"]
         lo, hi = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
@@ -90,13 +98,19 @@ def apply_rope(x_NxTxHxD: jax.Array, pos_NxT: jax.Array, inv_freq: jax.Array) ->
     return out.astype(x_NxTxHxD.dtype)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """x / rms(x) * (offset + w), in float32 (Gemma stores w with offset 1)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def attention(q, k, v, mask_NxTxS):
+def window_mask(q_at_NxT: jax.Array, k_at_NxS: jax.Array, window: int) -> jax.Array:
+    """[N, T, S]: key within the last `window` positions of the query (q - k < window)."""
+    return (q_at_NxT[:, :, None] - k_at_NxS[:, None, :]) < window
+
+
+def attention(q, k, v, mask_NxTxS, scale: float | None = None):
     """Grouped-query attention. q [N,T,H,D], k/v [N,KVH,S,D], mask [N,T,S] (True = may attend).
 
     The G query heads that share a KV head and the T queries are folded into one axis, so each
@@ -107,7 +121,8 @@ def attention(q, k, v, mask_NxTxS):
     kvh, s_len = k.shape[1], k.shape[2]
     g = h // kvh
     q = q.reshape(n, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(n, kvh, g * t, d)
-    s = jnp.einsum("nkqd,nksd->nkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = jnp.einsum("nkqd,nksd->nkqs", q, k, preferred_element_type=jnp.float32) * scale
     s = s.reshape(n, kvh, g, t, s_len)
     s = jnp.where(mask_NxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(n, kvh, g * t, s_len)
@@ -128,8 +143,9 @@ class Transformer(nnx.Module):
         H, KV, Dh, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
         pd = jnp.dtype(cfg.param_dtype)
         P = nnx.Param
+        norm = (jnp.zeros if cfg.is_gemma else jnp.ones)  # Gemma norms scale by 1 + w
         self.embed = P(_init(rngs, (V, D), pd))
-        self.attn_norm = P(jnp.ones((L, D), pd))
+        self.attn_norm = P(norm((L, D), pd))
         self.wq = P(_init(rngs, (L, D, H, Dh), pd))
         self.wk = P(_init(rngs, (L, D, KV, Dh), pd))
         self.wv = P(_init(rngs, (L, D, KV, Dh), pd))
@@ -138,14 +154,17 @@ class Transformer(nnx.Module):
             self.bk = P(jnp.zeros((L, KV, Dh), pd))
             self.bv = P(jnp.zeros((L, KV, Dh), pd))
         if cfg.qk_norm:
-            self.q_norm = P(jnp.ones((L, Dh), pd))
-            self.k_norm = P(jnp.ones((L, Dh), pd))
+            self.q_norm = P(norm((L, Dh), pd))
+            self.k_norm = P(norm((L, Dh), pd))
         self.wo = P(_init(rngs, (L, H, Dh, D), pd))
-        self.mlp_norm = P(jnp.ones((L, D), pd))
+        self.mlp_norm = P(norm((L, D), pd))
+        if cfg.is_gemma:
+            self.post_attn_norm = P(norm((L, D), pd))
+            self.post_mlp_norm = P(norm((L, D), pd))
         self.w_gate = P(_init(rngs, (L, D, F), pd))
         self.w_up = P(_init(rngs, (L, D, F), pd))
         self.w_down = P(_init(rngs, (L, F, D), pd))
-        self.final_norm = P(jnp.ones((D,), pd))
+        self.final_norm = P(norm((D,), pd))
         if not cfg.tie_word_embeddings:
             self.lm_head = P(_init(rngs, (D, V), pd))
 
@@ -154,20 +173,24 @@ class Transformer(nnx.Module):
         names = [n for n in PARAM_AXES if PARAM_AXES[n][0] == "layers" and hasattr(self, n)]
         return {n: getattr(self, n)[...] for n in names}
 
+    def _norm(self, x, w):
+        return rms_norm(x, w, self.cfg.rms_norm_eps, 1.0 if self.cfg.is_gemma else 0.0)
+
     def _block(self, x, p, pos_NxT, mask_NxTxS, inv_freq, cache=None):
-        """One layer. cache: None, or (k, v, layer, index) with every layer's cache [L, ...];
-        the new keys and values are written at (layer, slot index) and (k, v) returned."""
+        """One layer. mask_NxTxS and inv_freq are this layer's (see `_layer_inputs`). cache:
+        None, or (k, v, layer, index) with every layer's cache [L, ...]; the new keys and values
+        are written at (layer, slot index) and (k, v) returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         c = lambda a: a.astype(dt)
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        h = self._norm(x, p["attn_norm"])
         q = jnp.einsum("ntd,dhk->nthk", h, c(p["wq"]))
         k = jnp.einsum("ntd,dhk->nthk", h, c(p["wk"]))
         v = jnp.einsum("ntd,dhk->nthk", h, c(p["wv"]))
         if cfg.attention_bias:
             q, k, v = q + c(p["bq"]), k + c(p["bk"]), v + c(p["bv"])
         if cfg.qk_norm:
-            q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+            q = self._norm(q, p["q_norm"])
+            k = self._norm(k, p["k_norm"])
         q, k = apply_rope(q, pos_NxT, inv_freq), apply_rope(k, pos_NxT, inv_freq)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [N, KVH, T, Dh]
         new_kv = None
@@ -177,13 +200,33 @@ class Transformer(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             k, v, new_kv = ck[layer], cv[layer], (ck, cv)
-        o = attention(q, k, v, mask_NxTxS)
-        x = x + jnp.einsum("nthk,hkd->ntd", o, c(p["wo"]))
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        o = jnp.einsum("nthk,hkd->ntd", attention(q, k, v, mask_NxTxS, cfg.attn_scale),
+                       c(p["wo"]))
+        x = x + (self._norm(o, p["post_attn_norm"]) if cfg.is_gemma else o)
+        h = self._norm(x, p["mlp_norm"])
         g = jnp.einsum("ntd,df->ntf", h, c(p["w_gate"]))
         u = jnp.einsum("ntd,df->ntf", h, c(p["w_up"]))
-        x = x + jnp.einsum("ntf,fd->ntd", jax.nn.silu(g) * u, c(p["w_down"]))
+        act = jax.nn.gelu(g, approximate=True) if cfg.is_gemma else jax.nn.silu(g)
+        m = jnp.einsum("ntf,fd->ntd", act * u, c(p["w_down"]))
+        x = x + (self._norm(m, p["post_mlp_norm"]) if cfg.is_gemma else m)
         return x, new_kv
+
+    def _layer_inputs(self, mask_NxTxS, q_at_NxT, k_at_NxS):
+        """(per-layer xs, fn) where fn(xs) gives a layer's (mask, inv_freq): every layer the same,
+        or for a model with sliding-window layers the windowed mask and local rope base where
+        the layer is local. `q_at`/`k_at` are the query and key coordinates the window counts in.
+        """
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg)
+        if not any(cfg.sliding_layers):
+            return None, lambda _: (mask_NxTxS, inv_freq)
+        local_mask = mask_NxTxS & window_mask(q_at_NxT, k_at_NxS, cfg.sliding_window)
+        local_freq = rope_inv_freq(cfg, theta=cfg.rope_local_theta)
+
+        def pick(sliding):
+            return (jnp.where(sliding, local_mask, mask_NxTxS),
+                    jnp.where(sliding, local_freq, inv_freq))
+        return jnp.asarray(cfg.sliding_layers), pick
 
     # ------------------------------------------------------------------ API
     def hidden(self, tokens_NxT, pos_NxT, mask_NxTxS, cache: KVCache | None = None):
@@ -196,21 +239,31 @@ class Transformer(nnx.Module):
         instead of copying the whole cache (about 1.7x faster decoding on CPU).
         """
         cfg = self.cfg
-        x = self.embed[...].astype(jnp.dtype(cfg.dtype))[tokens_NxT]
-        inv_freq = rope_inv_freq(cfg)
+        dt = jnp.dtype(cfg.dtype)
+        x = self.embed[...].astype(dt)[tokens_NxT]
+        if cfg.is_gemma:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+        if cache is None:
+            q_at, k_at = pos_NxT, pos_NxT
+        else:
+            slots = cache.index + jnp.arange(tokens_NxT.shape[1])
+            q_at = jnp.broadcast_to(slots, tokens_NxT.shape)
+            k_at = jnp.broadcast_to(jnp.arange(cache.mask_NxS.shape[1]), cache.mask_NxS.shape)
+        sliding_L, layer_inputs = self._layer_inputs(mask_NxTxS, q_at, k_at)
         layer_p = self._layer_params()
         if cache is None:
-            def body(x, p):
-                return self._block(x, p, pos_NxT, mask_NxTxS, inv_freq)[0], None
-            xs = layer_p
+            def body(x, xs):
+                p, sliding = xs
+                return self._block(x, p, pos_NxT, *layer_inputs(sliding))[0], None
+            xs = (layer_p, sliding_L)
         else:
             def body(carry, xs):
                 x, ck, cv = carry
-                p, layer = xs
-                x, (ck, cv) = self._block(x, p, pos_NxT, mask_NxTxS, inv_freq,
+                p, sliding, layer = xs
+                x, (ck, cv) = self._block(x, p, pos_NxT, *layer_inputs(sliding),
                                           (ck, cv, layer, cache.index))
                 return (x, ck, cv), None
-            xs = (layer_p, jnp.arange(cfg.num_layers))
+            xs = (layer_p, sliding_L, jnp.arange(cfg.num_layers))
         if cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         if cache is None:
@@ -218,7 +271,7 @@ class Transformer(nnx.Module):
         else:
             (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
             cache = KVCache(ck, cv, cache.mask_NxS, cache.index + tokens_NxT.shape[1])
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
+        return self._norm(x, self.final_norm[...]), cache
 
     def head(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""
