@@ -54,7 +54,9 @@ def get_config() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict()
     c.model.path = ""  # Hugging Face model directory (config.json, *.safetensors, tokenizer)
     c.model.preset = ""  # or random weights in a named shape: tiny, qwen2.5-0.5b, qwen2.5-1.5b
-    c.model.init_from_sft = True  # embedded default: start RL from the cached SFT stage
+    # warmstart.steps > 0: RL starts from a supervised warm start (cold start) of the model
+    # (model.path, or the scratch shape), cached in WORKDIR/sft_model; False: RL from the model
+    c.model.init_from_sft = True
     c.model.dtype = "float32"  # parameter and compute dtype; "bfloat16" on GPU/TPU
     c.model.remat = False  # rematerialise layers in the backward pass (saves memory)
     # shape of a model trained from scratch (used when path and preset are empty)
@@ -149,7 +151,8 @@ def get_config() -> mlc.ConfigDict:
     c.sft = mlc.ConfigDict()
     c.sft.gates = ("format", "correct")  # or ("correct", "mig_positive")
 
-    # Supervised warm start on demonstrations (mode="sft", or the embedded default's first stage)
+    # Supervised warm start (cold start) on demonstrations: the arith task's, or GSM8K's and MATH's
+    # worked solutions in the reward's format (migjax/data/demos.py); mode="sft" runs it alone
     c.warmstart = mlc.ConfigDict()
     c.warmstart.steps = 0
     c.warmstart.batch_size = 32
@@ -161,6 +164,7 @@ def get_config() -> mlc.ConfigDict:
     # > 0: batches of similar-length demonstrations, sorted within windows of this many batches
     # and padded to their own longest row (faster); 0: the data order, padded to max_len
     c.warmstart.group_by_length = 0
+    c.warmstart.checkpoint_every = 200  # steps; a restarted warm start resumes (0 = never)
 
     c.eval = mlc.ConfigDict()
     c.eval.every = 25  # steps; 0 = only before and after training

@@ -52,7 +52,8 @@ def warmstart_command(sweep: Sweep, regime: str, root: str) -> list[str]:
 def point_command(sweep: Sweep, point: Point, root: str) -> list[str]:
     model = os.path.join(warmstart_dir(sweep, point.regime, root), "sft_model")
     return main_command(_config_path(sweep), point.variant, point_dir(point, root),
-                        {**sweep.point_overrides(point), "model.path": model})
+                        {**sweep.point_overrides(point), "model.path": model,
+                         "model.init_from_sft": False})
 
 
 def point_dir(point: Point, root: str) -> str:

@@ -53,9 +53,16 @@ def validate(c, device_count: int | None = None) -> None:
     if c.loss.eps_low < 0 or c.loss.eps_high < 0 or c.loss.eps_low >= 1:
         raise ValueError(f"loss.eps_low={c.loss.eps_low}, loss.eps_high={c.loss.eps_high}: need "
                          "0 <= eps_low < 1 and eps_high >= 0")
-    if c.mode == "sft" and (c.task.kind != "arith" or c.warmstart.steps < 1):
-        raise ValueError(f"mode='sft' trains on the arith task's demonstrations and needs "
-                         f"task.kind='arith' (got {c.task.kind!r}) and warmstart.steps >= 1")
+    warm = c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0)
+    if c.mode == "sft" and c.warmstart.steps < 1:
+        raise ValueError("mode='sft' runs the warm start alone and needs warmstart.steps >= 1")
+    if warm and c.task.kind not in ("arith", "gsm8k", "math"):
+        raise ValueError(f"the warm start (warmstart.steps={c.warmstart.steps}) trains on "
+                         f"demonstrations, which task.kind={c.task.kind!r} has none of; use "
+                         "arith, gsm8k or math, or set warmstart.steps=0")
+    if c.warmstart.checkpoint_every < 0:
+        raise ValueError(f"warmstart.checkpoint_every={c.warmstart.checkpoint_every} must be "
+                         ">= 0")
     if not 0.0 <= c.warmstart.distracted_prob <= 1.0 or c.warmstart.group_by_length < 0:
         raise ValueError(f"warmstart.distracted_prob={c.warmstart.distracted_prob} must be in "
                          f"[0, 1] and warmstart.group_by_length={c.warmstart.group_by_length} "

@@ -134,8 +134,7 @@ def train(c, workdir: str) -> dict:
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = sampling_rules(c, tokenizer)
     model_path = None
-    if c.mode == "sft" or (c.task.kind == "arith" and not c.model.path and not c.model.preset
-                           and c.model.init_from_sft):
+    if c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0):
         model_path = run_warmstart(c, workdir, tokenizer, mesh)
     if c.mode == "sft":  # the supervised stage alone: its model directory is the output
         verifier.close()

@@ -4,6 +4,7 @@ state and non-finite guard as RL (used by `mode="sft"` and the embedded default'
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -93,16 +94,63 @@ def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
             for it, bad in zip(items, careless, strict=True)]
 
 
+DEMO_KINDS = ("arith", "gsm8k", "math")  # tasks whose records carry demonstrations
+
+
+def demo_texts(c, render) -> tuple[list[str], list[str]]:
+    """(prompts, completions) of the warm start: `warmstart.steps * warmstart.batch_size`
+    demonstrations, cycling through the task's training records. Arith: generated items (with
+    the careless teacher's share); GSM8K and MATH: the training file's worked solutions rendered
+    by `migjax.data.demos` with the run's step delimiter (records without one are skipped and
+    counted; `task.exclude_path`, e.g. MATH500, is never trained on)."""
+    from migjax import experiment as ex
+    from migjax.data import arith, demos
+
+    w = c.warmstart
+    n = w.steps * w.batch_size
+    if c.task.kind == "arith":
+        task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
+        items = [task[i % len(task)] for i in range(n)]
+        return [render(it.question) for it in items], demonstrations(items, w.distracted_prob,
+                                                                      c.seed)
+    if c.task.kind not in DEMO_KINDS:
+        raise ValueError(f"task.kind={c.task.kind!r} has no demonstrations for the warm start; "
+                         f"kinds with demonstrations: {DEMO_KINDS}")
+    records = ex.raw_examples(c, None, limit=c.task.train_limit or None)
+    pairs, bad = [], 0
+    for e in records:
+        try:
+            pairs.append((e.question, demos.demonstration(
+                c.task.kind, e.solution, c.mig.step_delimiter,
+                answer=e.answers[0] if e.answers else None)))
+        except ValueError:
+            bad += 1
+    if bad:
+        logging.getLogger(__name__).warning("warm start: %d of %d records of %s have no usable "
+                                            "worked solution; skipped", bad, len(records),
+                                            c.task.train_path)
+    if not pairs:
+        raise ValueError(f"warm start: no record of {c.task.train_path} has a worked solution")
+    order = np.random.default_rng([c.seed, 3]).permutation(len(pairs))
+    picked = [pairs[order[i % len(pairs)]] for i in range(n)]
+    return [render(q) for q, _ in picked], [d for _, d in picked]
+
+
 def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
-    """Trains the scratch model on the arithmetic demonstrations for `warmstart.steps` steps and
-    saves it as a Hugging Face directory `workdir/sft_model`, which later runs reuse."""
-    import logging
+    """The supervised warm start (cold start): `warmstart.steps` steps of cross-entropy on the
+    completion tokens of demonstrations, from `model.path` (any Hugging Face directory) or, when
+    it is empty, from random weights in the `model.scratch` shape. Checkpoints every
+    `warmstart.checkpoint_every` steps in `workdir/sft_checkpoints` and resumes from them; stops
+    after `optim.max_consecutive_skips` non-finite steps in a row. Saves the result as the
+    Hugging Face directory `workdir/sft_model`, which later runs reuse; a folder there without
+    its config.json (an interrupted save) is replaced."""
     import os
+    import shutil
 
     from tqdm import tqdm
 
     from migjax import experiment as ex
-    from migjax.data import arith
+    from migjax.checkpointing import Checkpointer
     from migjax.models.loading import save_params
     from migjax.models.sharding import batch_sharding, gather
     from migjax.train_state import init_state, place_state
@@ -110,37 +158,58 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     out = os.path.join(workdir, "sft_model")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
+    if os.path.isdir(out) and jax.process_index() == 0:
+        logging.getLogger(__name__).warning("warm start: %s has no config.json (an interrupted "
+                                            "save); replacing it", out)
+        shutil.rmtree(out)
     w = c.warmstart
-    graphdef, params, mcfg = ex.build_model(_scratch_only(c), tokenizer, mesh)
-    render = ex.renderer(c, tokenizer)
-    task = arith.ArithTask(ex.arith_spec(c, "train"), c.task.arith.train_size)
-    n = w.steps * w.batch_size
-    items = [task[i % len(task)] for i in range(n)]
-    demos = demonstrations(items, w.distracted_prob, c.seed)
+    init = c if (c.model.path or c.model.preset) else _scratch_only(c)
+    graphdef, params, mcfg = ex.build_model(init, tokenizer, mesh, workdir=workdir)
+    prompts, completions = demo_texts(c, ex.renderer(c, tokenizer))
     prefix = c.task.completion_prefix  # the rendered prompt already ends with it
-    demos = [d[len(prefix):] if prefix and d.startswith(prefix) else d for d in demos]
-    (tokens, mask, loss_mask), dropped = encode_demos(
-        tokenizer, [render(it.question) for it in items], demos, w.max_len)
-    batches = length_grouped_batches(mask.sum(axis=1), w.batch_size, w.group_by_length, c.seed,
-                                     w.max_len)
+    completions = [d[len(prefix):] if prefix and d.startswith(prefix) else d
+                   for d in completions]
+    (tokens, mask, loss_mask), dropped = encode_demos(tokenizer, prompts, completions, w.max_len)
     if dropped:
         logging.getLogger(__name__).warning("warm start: dropped %d demonstrations longer than "
                                             "warmstart.max_len=%d", dropped, w.max_len)
+    batches = length_grouped_batches(mask.sum(axis=1), w.batch_size, w.group_by_length, c.seed,
+                                     w.max_len)
     sched = optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, w.steps // 20), max(2, w.steps))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     state, shardings = place_state(init_state(params, optimizer), mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "sft_checkpoints"), keep=2,
+                        async_save=c.checkpoint.async_save)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding), state)
+        state, _ = ckpt.restore(start, abstract)
+        tqdm.write(f"warm start: resumed from step {start} in {ckpt.directory}")
     step_fn = make_sft_step(graphdef, optimizer, shardings)
     put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
-    bar = tqdm(range(w.steps), desc="sft warm start", disable=not c.log.progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, w.steps), initial=start, total=w.steps, desc="sft warm start",
+               disable=not c.log.progress or jax.process_index() != 0, dynamic_ncols=True)
+    skips = 0
     for s in bar:
         idx, width = batches[s % len(batches)]
         state, m = step_fn(state, put(tokens[idx, :width]), put(mask[idx, :width]),
                            put(loss_mask[idx, :width]))
+        skips = skips + 1 if float(m["update/skipped"]) else 0
+        if skips >= c.optim.max_consecutive_skips:
+            ckpt.close()
+            raise FloatingPointError(
+                f"warm start step {s + 1}: {skips} consecutive non-finite updates "
+                f"(optim.max_consecutive_skips={c.optim.max_consecutive_skips}); last good "
+                f"checkpoint: {ckpt.latest_step()} in {ckpt.directory}")
         if s % 20 == 0 or s == w.steps - 1:
             bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+        if w.checkpoint_every and (s + 1) % w.checkpoint_every == 0 and s + 1 < w.steps:
+            ckpt.save(s + 1, state, {"step": s + 1})
+    ckpt.close()
     host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
     if jax.process_index() == 0:
+        shutil.rmtree(out + ".tmp", ignore_errors=True)
         save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
     ex._barrier("sft_model")  # the other processes load what process 0 wrote

@@ -102,8 +102,8 @@ def shrink(recipe: str, *, model_path: str = "", **extra) -> dict:
         o.update({"task.arith.train_size": 64, "task.arith.train.min_steps": 2,
                   "task.arith.train.max_steps": 2, "warmstart.steps": 3,
                   "warmstart.batch_size": 16, "warmstart.max_len": 96})
-        if model_path:
-            o["model.path"] = model_path
+        if model_path:  # RL straight from that model, no warm start
+            o["model.path"], o["model.init_from_sft"] = model_path, False
     else:
         c = load_recipe(recipe)
         o.update({"model.path": model_path, "task.train_limit": 16, "task.overlong": "truncate",

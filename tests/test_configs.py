@@ -104,10 +104,15 @@ def test_misspelt_key_fails_on_the_command_line(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_sft_mode_needs_the_arith_demonstrations():
+def test_sft_mode_needs_steps_and_demonstrations():
     c = load("gsm8k_qwen")
     c.model.path, c.mode = "/some/model", "sft"
-    with pytest.raises(ValueError, match="mode='sft'"):
+    with pytest.raises(ValueError, match="mode='sft'.*warmstart.steps >= 1"):
+        validate(c, 1)
+    c.warmstart.steps = 10
+    validate(c, 1)  # GSM8K solutions are demonstrations
+    c.task.kind = "svamp"
+    with pytest.raises(ValueError, match="task.kind='svamp' has none"):
         validate(c, 1)
 
 

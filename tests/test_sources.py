@@ -95,7 +95,9 @@ def test_gsm8k_answers():
         "gsm8k:test:1",
         test[0].question,
         ("18",),
+        test[0].solution,
     )
+    assert test[0].solution.endswith("#### 18")  # the worked solution, for warm-start demos
     assert test[0].question.startswith("Janet\u2019s ducks lay 16 eggs")
     assert test[146].answers == ("2125",)  # "#### 2,125"
     assert test[489].answers == ("-10",)
@@ -146,8 +148,8 @@ def test_malformed_jsonl_skips_and_counts(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         examples, stats = load_examples("gsm8k", path)
     assert examples == [
-        Example("gsm8k:bad:1", "What is 2+2?", ("4",)),
-        Example("gsm8k:bad:8", "Big?", ("1000",)),
+        Example("gsm8k:bad:1", "What is 2+2?", ("4",), examples[0].solution),
+        Example("gsm8k:bad:8", "Big?", ("1000",), examples[1].solution),
     ]
     assert stats.read == 8 and stats.skipped == 6
     assert stats.reasons == {

@@ -49,7 +49,9 @@ def test_length_grouped_batches_cover_every_row_once_and_fit():
 
 def test_trimmed_padding_leaves_the_step_unchanged():
     graphdef, params = random_params(PRESETS["tiny"])
-    opt = optax.adam(1e-3)
+    # SGD, not Adam: some gradients are zero in exact arithmetic (a key bias shifts every score
+    # of a query alike), and Adam would blow their float noise up to full-size steps
+    opt = optax.sgd(1e-1)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, PRESETS["tiny"].vocab_size, size=(4, 64)).astype(np.int32)
     lengths = np.array([20, 31, 17, 26])

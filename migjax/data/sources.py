@@ -29,6 +29,11 @@ class Example:
     id: str
     question: str
     answers: tuple[str, ...]
+    solution: str = ""  # the worked solution, where the dataset has one (warm-start demos)
+
+
+# The field holding each kind's worked solution (migjax.data.demos renders it).
+SOLUTION_FIELDS = {"gsm8k": "answer", "math": "solution"}
 
 
 @dataclasses.dataclass
@@ -306,7 +311,8 @@ def load_examples(
             skip(line, bad)
             continue
         stats.read += 1
-        out.append(Example(rid, question, answers))
+        solution = obj.get(SOLUTION_FIELDS.get(kind, ""), "")
+        out.append(Example(rid, question, answers, solution if isinstance(solution, str) else ""))
     return out, stats
 
 
