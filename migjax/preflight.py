@@ -110,6 +110,14 @@ def check_data_paths(c) -> None:
             raise FileNotFoundError(f"task.eval.{name}={spec!r}: no such file {path!r}")
 
 
+def check_custom_rewards(c) -> None:
+    """Every reward.custom function imports here (the worker process imports it again)."""
+    from migjax.rewards.custom import load_function
+
+    for i, name in enumerate(c.reward.custom):
+        load_function(name, f"reward.custom[{i}]")
+
+
 def model_config(c, workdir: str | None = None):
     """The ModelConfig the run will build (vocabulary included), checking model and tokenizer
     files on the way; None when it is not known before the run starts (a package model not yet
@@ -207,6 +215,7 @@ def preflight(c, *, device_memory_bytes: int | None = None, device_count: int | 
     device_count = jax.device_count() if device_count is None else device_count
     validate(c, device_count)
     check_data_paths(c)
+    check_custom_rewards(c)
     cfg = model_config(c, workdir)
     if device_memory_bytes is None:
         device_memory_bytes = default_device_memory()

@@ -2,6 +2,7 @@
 `--print_config` with base.py's comments, evaluation sets added by flag, and one-line errors for
 misspelt or ill-typed settings."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,10 +31,10 @@ def test_packaged_recipe_by_name_from_another_directory(tmp_path):
     r = run_main(["--config=arith_tiny:grpo_matched", "--print_config"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = settings(r.stdout)
-    assert s["loss.alpha"] == "0.0"  # the variant applied
+    assert s["loss.w_process"] == "0.0"  # the variant applied
     assert s["rl.steps"] == "40"  # the recipe's value
     notes = settings(r.stdout, 1)
-    assert notes["loss.alpha"] == "process stream weight"  # base.py's comments
+    assert notes["loss.w_process"] == "process stream weight (METHOD.md's alpha)"  # base.py's comments
     assert "fold_in" in notes["seed"] and notes["optim.lr"] == ""
     assert not os.listdir(tmp_path)  # printing runs nothing
 
@@ -63,13 +64,15 @@ def test_user_config_outside_the_repository(tmp_path):
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = settings(r.stdout)
-    assert s["rl.steps"] == "7" and s["loss.gamma"] == "0.0" and s["optim.lr"] == "0.5"
+    assert s["rl.steps"] == "7" and s["loss.w_sft"] == "0.0" and s["optim.lr"] == "0.5"
 
 
 @pytest.mark.parametrize("flag,expected", [
     ("--config.optim.lrr=1", "--config.optim.lrr: no such setting; did you mean optim.lr?"),
     ("--config.mig.wattermark=False", "did you mean mig.watermark?"),
     ("--config.rl.steps=abc", "--config.rl.steps=abc: invalid literal"),
+    ("--config.loss.beta=0.04", "--config.loss.beta: loss.beta was renamed loss.w_outcome (the "
+     "outcome-loss weight); the KL coefficient is loss.kl_coef"),
 ])
 def test_bad_settings_are_one_line(tmp_path, flag, expected):
     r = run_main(["--config=arith_tiny", f"--workdir={tmp_path / 'w'}", flag], cwd=tmp_path)
@@ -77,6 +80,15 @@ def test_bad_settings_are_one_line(tmp_path, flag, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], r.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_a_config_file_setting_an_old_name_fails():
+    from migjax.config_checks import validate
+
+    c = cli.load("arith_tiny")
+    c.loss.gamma = 0.5  # an unlocked config (a user's file) accepts the old name silently
+    with pytest.raises(ValueError, match="loss.gamma was renamed loss.w_sft"):
+        validate(c, 1)
 
 
 def test_ill_typed_setting_names_its_type():
@@ -99,7 +111,45 @@ def test_eval_sets_added_on_the_command_line(tmp_path):
     assert dict(c.task.eval) == {}
 
 
+def test_jsonl_field_names_and_eval_sets_from_flags(tmp_path):
+    from migjax import experiment
+
+    train, extra = tmp_path / "train.jsonl", tmp_path / "extra.jsonl"
+    train.write_text(json.dumps({"problem": "What is 2+3?", "worked": "2+3 #### 5",
+                                 "alts": ["5.0"], "uid": "a"}) + "\n")
+    extra.write_text(json.dumps({"problem": "What is 1+1?", "final": 2}) + "\n")
+    argv = ["prog", "--config=gsm8k_qwen", "--config.task.kind=jsonl",
+            f"--config.task.train_path={train}", "--config.task.jsonl.question=problem",
+            "--config.task.jsonl.answer=final", "--config.task.jsonl.solution=worked",
+            "--config.task.jsonl.answer_variants=alts", "--config.task.jsonl.id=uid",
+            f"--config.task.eval.extra=jsonl:{extra}"]
+    c, _ = cli.parse(argv, flags.FlagValues())
+    (ex,) = experiment.raw_examples(c, None, limit=None)
+    assert (ex.id, ex.question, ex.answers) == ("a", "What is 2+3?", ("5", "5.0"))
+    (ev,) = experiment.raw_examples(c, c.task.eval.extra, limit=None)
+    assert ev.answers[0] == "2" and ev.question == "What is 1+1?"
+    assert set(experiment.eval_sets(c)) == {"gsm8k_test", "svamp", "extra"}
+
+
 def test_comments_come_from_base():
     notes = cli.comments()
     assert notes["reward.w_format"].startswith("r_out = r_correct")
     assert "careless teacher" in notes["warmstart.distracted_prob"]  # a block above the line
+
+
+def test_names_doc_maps_to_real_keys():
+    """docs/NAMES.md's migjax column names only settings that exist, and covers the TRL, verl
+    and Tunix names researchers look for."""
+    import re
+
+    with open(os.path.join(ROOT, "docs", "NAMES.md"), encoding="utf-8") as f:
+        rows = [line.split("|")[1:-1] for line in f if line.startswith("| `")]
+    valid = set(cli.dotted_keys(cli.load("base")))
+    cited = {m for row in rows for m in re.findall(r"`([a-z_]+\.[a-z_.]+)", row[1])}
+    assert cited and cited <= valid, sorted(cited - valid)
+    theirs = " ".join(row[0] for row in rows)
+    for name in ("num_generations", "beta", "epsilon_high", "loss_type", "scale_rewards",
+                 "num_iterations", "mask_truncated_completions", "rollout.n", "adv_estimator",
+                 "clip_ratio_low", "loss_agg_mode", "kl_loss_coef", "ppo_epochs",
+                 "norm_adv_by_std_in_grpo", "loss_algo"):
+        assert name in theirs, name

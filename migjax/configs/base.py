@@ -9,7 +9,7 @@ import ml_collections as mlc
 # Overrides that turn the default MIG recipe into a baseline or an ablation (docs/METHOD.md,
 # "Variants", maps each to the switches it sets; tests/test_variants.py checks what each does to
 # the update).
-_NO_PROCESS_NO_SFT = {"loss.alpha": 0.0, "loss.gamma": 0.0}
+_NO_PROCESS_NO_SFT = {"loss.w_process": 0.0, "loss.w_sft": 0.0}
 VARIANTS = {
     "mig": {},
     # Baselines. grpo_matched is the default recipe without the process stream and the SFT term
@@ -30,7 +30,7 @@ VARIANTS = {
     # Ablations of MIG, one switch each (h0_zero needs probability space: see prob_space).
     "no_watermark": {"mig.watermark": False},
     "coupled": {"mig.decoupled": False},
-    "no_sft": {"loss.gamma": 0.0},
+    "no_sft": {"loss.w_sft": 0.0},
     "stepwise": {"mig.advantage_mode": "stepwise"},
     "stepwise_rtg": {"mig.advantage_mode": "stepwise", "mig.reward_to_go": True},
     "prob_space": {"mig.likelihood_space": "prob"},
@@ -67,8 +67,16 @@ def get_config() -> mlc.ConfigDict:
     c.task.train_path = ""  # data file for real datasets (not copied into the project)
     c.task.train_limit = 0  # 0 = all records
     c.task.exclude_path = ""  # e.g. MATH500, whose problems must not be trained on
-    c.task.eval = mlc.ConfigDict()  # name -> "kind:path" of held-out sets (arith: test, ood)
+    # name -> "kind:path" of held-out sets (arith: test, ood); add one on the command line
+    # with --config.task.eval.NAME=kind:path
+    c.task.eval = mlc.ConfigDict()
     c.task.eval_limit = 64  # examples per evaluation set
+    # field names of task.kind="jsonl" files (and of "jsonl:path" evaluation sets): the answer
+    # is a number, a string, or a worked solution ending in "#### x", \boxed{x} or <answer>;
+    # solution (optional): a worked solution read when the answer field is missing or empty;
+    # answer_variants (optional): a list of equivalent reference strings; id (optional)
+    c.task.jsonl = mlc.ConfigDict(dict(question="question", answer="answer", solution="",
+                                       answer_variants="", id=""))
     c.task.template = "{question}"  # prompt text around the question
     c.task.use_chat_template = True  # wrap in the tokenizer's chat template when it has one
     c.task.system_prompt = ""
@@ -101,6 +109,9 @@ def get_config() -> mlc.ConfigDict:
     c.rl.minibatches = 1  # optimizer steps per epoch over the rollout batch
     c.rl.epochs = 1  # passes over each rollout batch
     c.rl.score_chunk = 256  # sequence chunk of the teacher-forced log-prob function
+    # True: completions that hit sampler.max_new_tokens without a stop get zero loss weight in
+    # every stream (TRL's mask_truncated_completions); they still count in group statistics
+    c.rl.mask_truncated = False
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-6
@@ -130,6 +141,11 @@ def get_config() -> mlc.ConfigDict:
     c.reward = mlc.ConfigDict()
     c.reward.w_format = 0.1  # r_out = r_correct + w_format * r_format
     c.reward.verify_timeout_s = 2.0  # per item
+    # user reward functions "package.module:function", TRL's fn(prompts, completions,
+    # **columns) -> list[float]; r_out += sum_i custom_weights[i] * custom[i] (migjax.rewards.custom)
+    c.reward.custom = ()
+    c.reward.custom_weights = ()  # one weight per custom function
+    c.reward.custom_timeout_s = 10.0  # per call; a call that overruns gives 0 and is counted
 
     c.adv = mlc.ConfigDict()
     c.adv.estimator = "grpo"  # grpo | rloo | dr_grpo
@@ -137,9 +153,9 @@ def get_config() -> mlc.ConfigDict:
     c.adv.unbiased_std = False  # True: the group std with n - 1 (TRL, verl); False: with n
 
     c.loss = mlc.ConfigDict()
-    c.loss.alpha = 1.0  # process stream weight
-    c.loss.beta = 1.0  # outcome stream weight
-    c.loss.gamma = 0.1  # dual-gated SFT weight
+    c.loss.w_process = 1.0  # process stream weight (METHOD.md's alpha)
+    c.loss.w_outcome = 1.0  # outcome stream weight (METHOD.md's beta; not a KL coefficient)
+    c.loss.w_sft = 0.1  # dual-gated SFT weight (METHOD.md's gamma)
     c.loss.eps_low = 0.2  # clip range [1 - eps_low, 1 + eps_high]; 0 clips every move
     c.loss.eps_high = 0.2
     c.loss.aggregation = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm

@@ -13,11 +13,10 @@ import ml_collections as mlc
 from absl import flags
 from ml_collections import config_flags
 
+from migjax.config_checks import RENAMED
 from migjax.configs import HERE, resolve, resolve_argv
 
 _EVAL_FLAG = re.compile(r"^--config\.task\.eval\.([A-Za-z0-9_-]+)=(.*)$")
-# Settings renamed since earlier versions: old dotted key -> the message that replaces the error.
-RENAMED: dict[str, str] = {}
 
 
 def load(spec: str) -> mlc.ConfigDict:
