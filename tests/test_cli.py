@@ -82,6 +82,16 @@ def test_bad_settings_are_one_line(tmp_path, flag, expected):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("spec,expected", [
+    ("arith_tiny:nope", "arith_tiny.py:nope: unknown config variant 'nope'"),
+    ("no_such_recipe", "--config=no_such_recipe: no such config file or packaged recipe"),
+])
+def test_bad_config_names_are_one_line(tmp_path, spec, expected):
+    r = run_main([f"--config={spec}", "--print_config"], cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and expected in lines[0], r.stderr
+
+
 def test_a_config_file_setting_an_old_name_fails():
     from migjax.config_checks import validate
 
@@ -94,7 +104,7 @@ def test_a_config_file_setting_an_old_name_fails():
 def test_ill_typed_setting_names_its_type():
     base = cli.load("arith_tiny")
     msg = cli._flag_error("flag --config.rl.steps=abc: invalid literal for int()", base)
-    assert msg == "--config.rl.steps=abc: invalid literal for int() (rl.steps: a int setting, now 40)"
+    assert msg == "--config.rl.steps=abc: invalid literal for int() (rl.steps takes an int; it is 40)"
 
 
 def test_eval_sets_added_on_the_command_line(tmp_path):

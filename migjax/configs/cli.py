@@ -27,7 +27,10 @@ def load(spec: str) -> mlc.ConfigDict:
     module_spec = importlib.util.spec_from_file_location("_migjax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(*([variant] if sep else []))
+    try:
+        return module.get_config(*([variant] if sep else []))
+    except ValueError as e:  # e.g. an unknown variant
+        raise SystemExit(f"--config={spec}: {e}") from None
 
 
 def dotted_keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:
@@ -108,7 +111,9 @@ def _flag_error(message: str, base) -> str:
         default = _lookup(base, key)
     except KeyError:
         return f"{flag}: {reason}"
-    return f"{flag}: {reason} ({key}: a {type(default).__name__} setting, now {default!r})"
+    kind = type(default).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{flag}: {reason} ({key} takes {article} {kind}; it is {default!r})"
 
 
 # ----------------------------------------------------------------------------- printing
