@@ -295,7 +295,6 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     })
     if stage.custom is not None:
         metrics["reward/custom_failed"] = float(stage.custom.n_failed)  # items so far
-
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
         log_samples(c, workdir, step + 1, info, batch)
     return state, metrics

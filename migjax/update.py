@@ -44,7 +44,7 @@ class UpdateHParams:
     estimator: str = "grpo"
     std_normalize: bool = True
     unbiased_std: bool = False
-    # loss
+    # loss (METHOD.md's names; the config keys are loss.w_process, loss.w_outcome, loss.w_sft)
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 0.1
@@ -67,9 +67,9 @@ class UpdateHParams:
             advantage_mode=c.mig.advantage_mode, reward_to_go=c.mig.reward_to_go,
             decoupled=c.mig.decoupled, estimator=c.adv.estimator,
             std_normalize=c.adv.std_normalize, unbiased_std=c.adv.unbiased_std,
-            alpha=c.loss.w_process, beta=c.loss.w_outcome, gamma=c.loss.w_sft, eps_low=c.loss.eps_low,
-            eps_high=c.loss.eps_high, aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
-            kl_estimator=c.loss.kl_estimator, sft_gates=tuple(c.sft.gates),
+            alpha=c.loss.w_process, beta=c.loss.w_outcome, gamma=c.loss.w_sft,
+            eps_low=c.loss.eps_low, eps_high=c.loss.eps_high, aggregation=c.loss.aggregation,
+            kl_coef=c.loss.kl_coef, kl_estimator=c.loss.kl_estimator, sft_gates=tuple(c.sft.gates),
             nan_at_step=c.debug.nan_at_step, mask_truncated=c.rl.mask_truncated)
 
 

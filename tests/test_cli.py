@@ -34,7 +34,8 @@ def test_packaged_recipe_by_name_from_another_directory(tmp_path):
     assert s["loss.w_process"] == "0.0"  # the variant applied
     assert s["rl.steps"] == "40"  # the recipe's value
     notes = settings(r.stdout, 1)
-    assert notes["loss.w_process"] == "process stream weight (METHOD.md's alpha)"  # base.py's comments
+    # base.py's comments
+    assert notes["loss.w_process"] == "process stream weight (METHOD.md's alpha)"
     assert "fold_in" in notes["seed"] and notes["optim.lr"] == ""
     assert not os.listdir(tmp_path)  # printing runs nothing
 
@@ -104,7 +105,8 @@ def test_a_config_file_setting_an_old_name_fails():
 def test_ill_typed_setting_names_its_type():
     base = cli.load("arith_tiny")
     msg = cli._flag_error("flag --config.rl.steps=abc: invalid literal for int()", base)
-    assert msg == "--config.rl.steps=abc: invalid literal for int() (rl.steps takes an int; it is 40)"
+    assert msg == ("--config.rl.steps=abc: invalid literal for int() "
+                   "(rl.steps takes an int; it is 40)")
 
 
 def test_eval_sets_added_on_the_command_line(tmp_path):

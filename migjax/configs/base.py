@@ -141,8 +141,9 @@ def get_config() -> mlc.ConfigDict:
     c.reward = mlc.ConfigDict()
     c.reward.w_format = 0.1  # r_out = r_correct + w_format * r_format
     c.reward.verify_timeout_s = 2.0  # per item
-    # user reward functions "package.module:function", TRL's fn(prompts, completions,
-    # **columns) -> list[float]; r_out += sum_i custom_weights[i] * custom[i] (migjax.rewards.custom)
+    # user reward functions "package.module:function" with TRL's signature fn(prompts,
+    # completions, **columns) -> list[float] (migjax.rewards.custom);
+    # r_out += sum_i custom_weights[i] * custom[i]
     c.reward.custom = ()
     c.reward.custom_weights = ()  # one weight per custom function
     c.reward.custom_timeout_s = 10.0  # per call; a call that overruns gives 0 and is counted

@@ -273,7 +273,8 @@ def load_examples(
     `strict=True` the first one raises DataError. `question_field`, `answer_field`, `id_field`,
     `solution_field` (a worked solution whose final value is the answer when `answer_field` is
     missing or empty) and `variants_field` (a list of equivalent reference strings added to
-    the answer) apply to `kind="jsonl"`; `subset="asdiv-a"` picks ASDiv's fold-file subset (XML only).
+    the answer) apply to `kind="jsonl"`; `subset="asdiv-a"` picks ASDiv's fold-file subset (XML
+    only).
     `kind="asdiv"` reads `ASDiv.xml` or the JSONL form (fields body/question/answer).
     """
     if kind not in KINDS:
