@@ -93,3 +93,22 @@ def test_resuming_a_finished_run_with_export_hf_exports(run, tmp_path):
     exported = params_of(summary["export"])
     for k, v in rec["params"].items():
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
+
+
+def test_export_of_a_run_from_its_own_warm_start(tmp_path, compile_cache):
+    """The embedded default's shape: the run trains its warm start (WORKDIR/sft_model) and RL
+    starts from it; the export rebuilds the model from that directory."""
+    work = tmp_path / "run"
+    c = helpers.make_config("arith_tiny", helpers.shrink("arith_tiny", rl__steps=2))
+    assert trainer.uses_warmstart(c)
+    with helpers.recording() as rec:
+        trainer.train(c, str(work))
+    assert (work / "sft_model").is_dir()
+    out = export.export(str(work), str(tmp_path / "hf"))
+    exported = params_of(out)
+    for k, v in rec["params"].items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    arch = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
+    got, want = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "hf",
+                                                                      work / "sft_model"))
+    assert {k: got[k] for k in arch} == {k: want[k] for k in arch}
