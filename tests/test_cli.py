@@ -37,6 +37,7 @@ def test_packaged_recipe_by_name_from_another_directory(tmp_path):
     # base.py's comments
     assert notes["loss.w_process"] == "process stream weight (METHOD.md's alpha)"
     assert "fold_in" in notes["seed"] and notes["optim.lr"] == ""
+    assert s["task.eval"] == "{}" and "kind:path" in notes["task.eval"]
     assert not os.listdir(tmp_path)  # printing runs nothing
 
 

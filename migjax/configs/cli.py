@@ -34,9 +34,11 @@ def load(spec: str) -> mlc.ConfigDict:
 
 
 def dotted_keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:
+    """Every setting's dotted key; an empty group (task.eval of the embedded task) is one."""
     out = []
     for k, v in c.items():
-        out += dotted_keys(v, f"{prefix}{k}.") if isinstance(v, mlc.ConfigDict) else [prefix + k]
+        nested = isinstance(v, mlc.ConfigDict) and len(v)
+        out += dotted_keys(v, f"{prefix}{k}.") if nested else [prefix + k]
     return out
 
 
@@ -143,6 +145,7 @@ def render(c: mlc.ConfigDict) -> str:
     lines = []
     for key in dotted_keys(c):
         value = _lookup(c, key)
+        value = {} if isinstance(value, mlc.ConfigDict) else value  # an empty group
         note = notes.get(key) or notes.get(key.rsplit(".", 1)[0], "")
         lines.append(f"{key} = {value!r}" + (f"  # {note}" if note else ""))
     return "\n".join(lines)
