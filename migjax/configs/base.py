@@ -146,7 +146,7 @@ def get_config() -> mlc.ConfigDict:
     # r_out += sum_i custom_weights[i] * custom[i]
     c.reward.custom = ()
     c.reward.custom_weights = ()  # one weight per custom function
-    c.reward.custom_timeout_s = 10.0  # per call; a call that overruns gives 0 and is counted
+    c.reward.custom_timeout_s = 10.0  # per call (a failed batch call is retried item by item)
 
     c.adv = mlc.ConfigDict()
     c.adv.estimator = "grpo"  # grpo | rloo | dr_grpo
