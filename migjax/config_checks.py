@@ -20,6 +20,15 @@ CHOICES = {
 }
 
 
+# Settings renamed since earlier versions: old dotted key -> what to write instead.
+RENAMED = {
+    "loss.beta": "loss.beta was renamed loss.w_outcome (the outcome-loss weight); the KL "
+                 "coefficient is loss.kl_coef",
+    "loss.alpha": "loss.alpha was renamed loss.w_process (the process-loss weight)",
+    "loss.gamma": "loss.gamma was renamed loss.w_sft (the dual-gated SFT weight)",
+}
+
+
 def _get(c, dotted):
     for part in dotted.split("."):
         c = c[part]
@@ -28,6 +37,10 @@ def _get(c, dotted):
 
 def validate(c, device_count: int | None = None) -> None:
     """Raises ValueError on the first inconsistent setting."""
+    for old, message in RENAMED.items():  # a config file that still sets an old name
+        group, leaf = old.split(".")
+        if leaf in c[group]:
+            raise ValueError(message)
     for field, allowed in CHOICES.items():
         if _get(c, field) not in allowed:
             raise ValueError(f"{field}={_get(c, field)!r}; expected one of {allowed}")
@@ -44,7 +57,7 @@ def validate(c, device_count: int | None = None) -> None:
     if n % c.rl.minibatches:
         raise ValueError(f"rl.batch_prompts * rl.group_size = {n} is not divisible by "
                          f"rl.minibatches={c.rl.minibatches}")
-    if c.mig.h0 == "zero" and c.mig.likelihood_space == "log" and c.loss.alpha:
+    if c.mig.h0 == "zero" and c.mig.likelihood_space == "log" and c.loss.w_process:
         raise ValueError("mig.h0='zero' with mig.likelihood_space='log' gives no step any credit "
                          "(log-likelihoods are <= 0); use mig.likelihood_space='prob'")
     if c.mig.reward == "end_of_cot" and c.mig.advantage_mode != "trajectory":
@@ -73,6 +86,9 @@ def validate(c, device_count: int | None = None) -> None:
         raise ValueError(f"task.train_path is required for task.kind={c.task.kind!r}")
     if c.task.kind != "arith" and not (c.model.path or c.model.preset):
         raise ValueError(f"task.kind={c.task.kind!r} needs model.path (or model.preset)")
+    if len(c.reward.custom) != len(c.reward.custom_weights):
+        raise ValueError(f"reward.custom has {len(c.reward.custom)} functions but "
+                         f"reward.custom_weights has {len(c.reward.custom_weights)} weights")
     if c.model.preset and c.model.path:
         raise ValueError("set only one of model.path and model.preset")
     if device_count is not None:

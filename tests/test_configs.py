@@ -38,15 +38,15 @@ def test_every_recipe_and_variant_validates(name, variant):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_docstring_holds_the_command(name):
-    doc = importlib.import_module(f"configs.{name}").__doc__
-    assert f"configs/{name}.py" in doc and "python -m migjax.main" in doc
+    doc = importlib.import_module(f"migjax.configs.{name}").__doc__
+    assert f"python -m migjax.main --config={name}" in doc
 
 
 def test_variants_change_what_they_claim():
     base = load("arith_tiny")
-    assert base.loss.alpha == 1.0 and base.mig.watermark
-    assert load("arith_tiny", "grpo_matched").loss.alpha == 0.0
-    assert load("arith_tiny", "grpo_matched").loss.gamma == 0.0
+    assert base.loss.w_process == 1.0 and base.mig.watermark
+    assert load("arith_tiny", "grpo_matched").loss.w_process == 0.0
+    assert load("arith_tiny", "grpo_matched").loss.w_sft == 0.0
     assert load("arith_tiny", "dapo").loss.eps_high == 0.28
     assert load("arith_tiny", "dr_grpo").adv.estimator == "dr_grpo"
     assert not load("arith_tiny", "no_watermark").mig.watermark
