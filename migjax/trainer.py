@@ -14,7 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from migjax import experiment as ex
-from migjax.checkpointing import Checkpointer, atomic_write_json, atomic_write_text
+from migjax import workdir as wd
+from migjax.checkpointing import Checkpointer, atomic_write_json
 from migjax.data.pipeline import make_iterator
 from migjax.data.tokenizer import token_strings
 from migjax.evaluation import evaluate
@@ -124,11 +125,23 @@ def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
 
 
 def train(c, workdir: str) -> dict:
-    """Runs the config in `workdir` (resuming from its last checkpoint) and returns a summary."""
-    t_start = time.time()
+    """Runs the config in `workdir` (resuming from its last checkpoint) and returns a summary.
+    Process 0 holds the workdir's lock while it runs; a workdir holding another config (beyond
+    `workdir.RESUMABLE`) is refused."""
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        atomic_write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=1))
+    held = wd.lock(workdir) if jax.process_index() == 0 else None
+    try:
+        wd.check_resume(workdir, wd.config_record(c))
+        if held is not None:
+            wd.write_config(workdir, c)
+        return _train(c, workdir)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _train(c, workdir: str) -> dict:
+    t_start = time.time()
     mesh = ex.build_mesh(c)
     tokenizer = ex.build_tokenizer(c, workdir)
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
