@@ -5,7 +5,10 @@
     {"step": 12, "time": 1760000000.5, "reward/correct": 0.25, "loss/total": null, ...}
 
 `time` is wall time in seconds since the epoch. Values are floats; NaN and +-Inf are
-written as `null` (so every line is strict JSON) and read back as NaN.
+written as `null` (so every line is strict JSON) and read back as NaN. The evaluation after
+training is one record marked `"final": true`, at step `rl.steps` beside that step's training
+record; a resumed run drops it (it evaluates again at its own end), so every record appears
+once: one per logged step, plus the final evaluation last.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+RESERVED = ("step", "time", "final")
 
 
 def _to_float(key: str, value: Any) -> float:
@@ -105,12 +109,13 @@ class MetricsWriter:
                 filename_suffix=f".{time.time_ns()}")
         return self._tb
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Logs `metrics` for `step` as one JSON line (flushed) and TensorBoard scalars."""
-        if "step" in metrics or "time" in metrics:
-            raise ValueError("metric names 'step' and 'time' are reserved")
+    def write(self, step: int, metrics: Mapping[str, Any], *, final: bool = False) -> None:
+        """Logs `metrics` for `step` as one JSON line (flushed) and TensorBoard scalars;
+        `final` marks the evaluation after training."""
+        if any(k in metrics for k in RESERVED):
+            raise ValueError(f"metric names {RESERVED} are reserved")
         values = {str(k): _to_float(str(k), v) for k, v in metrics.items()}
-        record = {"step": int(step), "time": time.time()}
+        record = {"step": int(step), "time": time.time(), **({"final": True} if final else {})}
         record.update({k: _json_value(v) for k, v in values.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
@@ -121,11 +126,13 @@ class MetricsWriter:
             tb.flush()
 
     def resume(self, step: int) -> None:
-        """Keeps only records with `step <= step` (after a restart from checkpoint `step`)."""
+        """Keeps only records with `step <= step`, the final evaluation's dropped (after a
+        restart from checkpoint `step`; -1 drops every record)."""
         from migjax.checkpointing import atomic_write_text  # keeps this module free of orbax
 
         self._file.close()
-        kept = [line + "\n" for line, record in _read_lines(self.path) if record["step"] <= step]
+        kept = [line + "\n" for line, record in _read_lines(self.path)
+                if record["step"] <= step and not record.get("final")]
         atomic_write_text(self.path, "".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tb is not None:

@@ -44,7 +44,7 @@ class NonFiniteError(RuntimeError):
 class NullWriter:
     """Stands in for the metrics writer on processes other than 0."""
 
-    def write(self, step, metrics):
+    def write(self, step, metrics, *, final=False):
         pass
 
     def resume(self, step):
@@ -183,7 +183,12 @@ def _train(c, workdir: str) -> dict:
             summary = json.load(f)
         say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
         return summary
-    writer.resume(start)  # drop metrics logged after the last complete checkpoint
+    if start > c.rl.steps:
+        raise ValueError(f"{ckpt.directory} holds checkpoint {start}, past rl.steps="
+                         f"{c.rl.steps}; raise rl.steps or use another --workdir")
+    # Drop what was logged after the last complete checkpoint, and the final evaluation of a
+    # run now extended; without a checkpoint, the evaluation before RL is logged again.
+    writer.resume(start if start else -1)
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
@@ -222,8 +227,7 @@ def _train(c, workdir: str) -> dict:
             ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
     ckpt.wait()
     after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, c, mesh)
-    writer.write(c.rl.steps, {**{k: v for k, v in after.items()}, "time/elapsed_s":
-                              time.time() - t_start})
+    writer.write(c.rl.steps, {**after, "time/elapsed_s": time.time() - t_start}, final=True)
     writer.close()
     ckpt.close()
     verifier.close()

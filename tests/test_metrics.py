@@ -103,6 +103,34 @@ def test_resume_keeps_steps_up_to_checkpoint_and_drops_truncated_line(tmp_path):
     assert [p for p in os.listdir(tmp_path)] == ["metrics.jsonl"]
 
 
+def test_resume_drops_the_final_evaluation(tmp_path):
+    """A run resumed at its last checkpoint (killed before summary.json) or extended past it
+    evaluates again at its end: the earlier final evaluation must not stay behind."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(0, {"eval": 0.1})
+        w.write(1, {"x": 1.0})
+        w.write(2, {"x": 2.0})
+        w.write(2, {"eval": 0.5}, final=True)
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(3, {"final": 1.0})
+    records = read_metrics(tmp_path)
+    assert [r.get("final", False) for r in records] == [False, False, False, True]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(2)  # killed between the final evaluation and summary.json
+        w.write(2, {"eval": 0.5}, final=True)
+    assert [(r["step"], "eval" in r) for r in read_metrics(tmp_path)] == \
+        [(0, True), (1, False), (2, False), (2, True)]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(2)  # extended to 3 steps
+        w.write(3, {"x": 3.0})
+        w.write(3, {"eval": 0.7}, final=True)
+    assert [(r["step"], r.get("final", False)) for r in read_metrics(tmp_path)] == \
+        [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(-1)  # restarted before its first checkpoint: the step-0 evaluation goes too
+    assert read_metrics(tmp_path) == []
+
+
 def test_reopen_without_resume_repairs_truncated_tail(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "time": 1.0, "x": 1.0}\n{"step": 2, "ti')
