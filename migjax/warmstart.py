@@ -4,6 +4,7 @@ state and non-finite guard as RL (used by `mode="sft"` and the embedded default'
 from __future__ import annotations
 
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -108,8 +109,12 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     from migjax.train_state import init_state, place_state
 
     out = os.path.join(workdir, "sft_model")
-    if os.path.isfile(os.path.join(out, "config.json")):
+    if is_complete(out):
         return out
+    log = logging.getLogger(__name__)
+    if os.path.exists(out):
+        log.warning("warm start: %s is incomplete (no config.json, weights or tokenizer); "
+                    "training it again and replacing it", out)
     w = c.warmstart
     graphdef, params, mcfg = ex.build_model(_scratch_only(c), tokenizer, mesh)
     render = ex.renderer(c, tokenizer)
@@ -124,7 +129,7 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     batches = length_grouped_batches(mask.sum(axis=1), w.batch_size, w.group_by_length, c.seed,
                                      w.max_len)
     if dropped:
-        logging.getLogger(__name__).warning("warm start: dropped %d demonstrations longer than "
+        log.warning("warm start: dropped %d demonstrations longer than "
                                             "warmstart.max_len=%d", dropped, w.max_len)
     sched = optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, w.steps // 20), max(2, w.steps))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
@@ -141,10 +146,25 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
             bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
     host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
     if jax.process_index() == 0:
+        for stale in (out + ".tmp", out):  # an interrupted save, a partial folder
+            shutil.rmtree(stale, ignore_errors=True)
         save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
     ex._barrier("sft_model")  # the other processes load what process 0 wrote
     return out
+
+
+def is_complete(model_dir: str) -> bool:
+    """Whether a saved warm start holds everything a run loads: config, weights, tokenizer."""
+    import os
+
+    from migjax.preflight import check_model_dir
+
+    try:
+        check_model_dir(model_dir, "sft_model")
+    except (OSError, ValueError):
+        return False
+    return os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
 
 
 def _scratch_only(c):
