@@ -186,17 +186,17 @@ def _train(c, workdir: str) -> dict:
     if start > c.rl.steps:
         raise ValueError(f"{ckpt.directory} holds checkpoint {start}, past rl.steps="
                          f"{c.rl.steps}; raise rl.steps or use another --workdir")
-    # Drop what was logged after the last complete checkpoint, and the final evaluation of a
-    # run now extended; without a checkpoint, the evaluation before RL is logged again.
-    writer.resume(start if start else -1)
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
-        state, extra = ckpt.restore(start, abstract)
+        start, state, extra = ckpt.restore_latest(abstract, warn=say)
         it.set_state(extra["data"])
         before = extra["before"]
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
-    else:
+    # Drop what was logged after the checkpoint resumed from, and the final evaluation of a
+    # run now extended; without a checkpoint, the evaluation before RL is logged again.
+    writer.resume(start if start else -1)
+    if not start:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
                               mesh)
         writer.write(0, {**before, "time/elapsed_s": time.time() - t_start})  # curves start here
