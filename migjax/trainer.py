@@ -146,6 +146,8 @@ def _train(c, workdir: str) -> dict:
     tokenizer = ex.build_tokenizer(c, workdir)
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = sampling_rules(c, tokenizer)
+    if c.mode != "sft":  # before the warm start: an empty data set fails here, not after it
+        train_data, evals, data_stats = ex.build_data(c, tokenizer)
     model_path = None
     if c.mode == "sft" or (c.task.kind == "arith" and not c.model.path and not c.model.preset
                            and c.model.init_from_sft):
@@ -156,7 +158,6 @@ def _train(c, workdir: str) -> dict:
         return {"before": {}, "after": {}, "steps": c.warmstart.steps, "workdir": workdir,
                 "wall_s": time.time() - t_start, "export": model_path}
     graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path, workdir)
-    train_data, evals, data_stats = ex.build_data(c, tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
 
