@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,12 +43,25 @@ class UnreadableCheckpointError(ValueError):
     """A checkpoint whose files cannot be read (as opposed to one of another model)."""
 
 
+def _create_temp(parent: str, prefix: str) -> tuple[int, str]:
+    """A new file `parent/prefix<random>.tmp` opened for writing, with the permissions any other
+    new file gets (0666 less the umask; `mkstemp` would make it 0600, unreadable to the
+    colleagues, TensorBoard or web server the umask lets read the workdir)."""
+    for _ in range(100):
+        tmp = os.path.join(parent, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {parent}")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` through a fsynced temp file in the same directory."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _create_temp(parent, f".{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

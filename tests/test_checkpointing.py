@@ -330,3 +330,28 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
                            match=f"delete {tmp_path / '3'} {tmp_path / '2'} {tmp_path / '1'}"):
             ck.restore_latest(abstract, warn=said.append)
         assert ck.all_steps() == [1, 2, 3]  # nothing moved when nothing can be read
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Outputs get 0666 less the umask, like any new file, not mkstemp's 0600: a colleague,
+    TensorBoard or a web server running as another user can read what the umask allows."""
+    from migjax.metrics import MetricsWriter
+    from migjax.viz import write_html
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_json(tmp_path / "summary.json", {"x": 1})
+        write_html(tmp_path / "samples" / "s.html", "<p>x</p>")
+        with MetricsWriter(tmp_path, tensorboard=False) as w:
+            w.write(1, {"x": 1.0})
+        with Checkpointer(tmp_path / "checkpoints", async_save=False) as ck:
+            ck.save(1, {"x": jnp.ones((2,))}, {"step": 1})
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    files = [os.path.join(root, f) for root, _, names in os.walk(tmp_path) for f in names]
+    assert len(files) > 5
+    modes = {os.path.relpath(f, tmp_path): oct(os.stat(f).st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {oct(want)}, modes
