@@ -156,6 +156,13 @@ class MetricsWriter:
         self.close()
 
 
+def is_rate(key: str) -> bool:
+    """Whether an evaluation key (`eval/<set>/<name>` or `<name>`) is a rate, not its standard
+    error or problem count."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(("pass_at_", "mean_at_")) and not name.endswith("_se")
+
+
 _LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 

@@ -19,7 +19,7 @@ from migjax.checkpointing import Checkpointer, atomic_write_json
 from migjax.data.pipeline import make_iterator
 from migjax.data.tokenizer import token_strings
 from migjax.evaluation import evaluate
-from migjax.metrics import MetricsWriter, format_sample_table
+from migjax.metrics import MetricsWriter, format_sample_table, is_rate
 from migjax.models.loading import save_params
 from migjax.models.sharding import batch_sharding, gather
 from migjax.rewards.segment import step_spans_text
@@ -308,11 +308,18 @@ def log_samples(c, workdir, step, info, batch):
 
 
 def report(summary: dict) -> str:
-    """The closing lines of a run: pass@1 before and after RL per evaluation set, and outputs."""
-    lines = ["", "evaluation            before    after"]
-    for key in sorted(summary["after"]):
-        b, a = summary["before"].get(key, float("nan")), summary["after"][key]
-        lines.append(f"{key:<20} {b:>8.3f} {a:>8.3f}")
+    """The closing lines of a run: pass@k and mean@k before and after RL per evaluation set,
+    each +- its binomial standard error, with the number of problems; and the outputs."""
+    nan = float("nan")
+
+    def cell(when, key):
+        got = summary[when]
+        return f"{got.get(key, nan):.3f} +- {got.get(key + '_se', nan):.3f}"
+
+    lines = ["", f"{'evaluation':<22}{'before':<17}{'after':<17}n"]
+    for key in sorted(k for k in summary["after"] if is_rate(k)):
+        n = summary["after"].get(key.rsplit("/", 1)[0] + "/n", nan)
+        lines.append(f"{key:<22}{cell('before', key):<17}{cell('after', key):<17}{n:.0f}")
     w = summary["workdir"]
     lines += [f"wall time: {summary['wall_s'] / 60:.1f} min", "outputs:",
               f"  metrics      {os.path.join(w, 'metrics.jsonl')}",

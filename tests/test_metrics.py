@@ -216,3 +216,17 @@ def test_timer_rate():
     assert 0.015 < t.seconds < 1.0
     assert t.rate(100) == pytest.approx(100 / t.seconds)
     assert Timer().rate(5) == 0.0
+
+
+def test_standard_errors_by_hand():
+    from migjax.evaluation import with_standard_errors
+    from migjax.metrics import is_rate
+
+    out = with_standard_errors({"pass_at_1": 0.25, "pass_at_4": 1.0, "mean_at_4": 0.5}, 4)
+    assert out["pass_at_1_se"] == pytest.approx(math.sqrt(0.25 * 0.75 / 4))  # 0.2165
+    assert out["pass_at_4_se"] == 0.0 and out["mean_at_4_se"] == pytest.approx(0.25)
+    assert out["n"] == 4.0 and out["pass_at_1"] == 0.25
+    assert math.isnan(with_standard_errors({"pass_at_1": 0.0}, 0)["pass_at_1_se"])
+    assert [k for k in sorted(out) if is_rate(k)] == ["mean_at_4", "pass_at_1", "pass_at_4"]
+    assert is_rate("eval/test/pass_at_1") and not is_rate("eval/test/pass_at_1_se")
+    assert not is_rate("eval/test/n") and not is_rate("reward/correct")

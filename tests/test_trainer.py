@@ -42,8 +42,9 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     lines = read_lines(workdir)
     train_lines = [r for r in lines if "reward/correct" in r]
     assert [r["step"] for r in train_lines] == list(range(1, steps + 1))
-    eval_keys = {f"eval/{n}/{m}" for n in eval_names
-                 for m in ("pass_at_1", f"pass_at_{pass_k}", f"mean_at_{pass_k}")}
+    rates = {f"eval/{n}/{m}" for n in eval_names
+             for m in ("pass_at_1", f"pass_at_{pass_k}", f"mean_at_{pass_k}")}
+    eval_keys = rates | {k + "_se" for k in rates} | {f"eval/{n}/n" for n in eval_names}
     for r, metrics in zip(train_lines, rec["metrics"], strict=True):
         missing = [k for k in helpers.STEP_METRICS + helpers.LOSS_METRICS if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
@@ -63,7 +64,13 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     assert final["step"] == steps and eval_keys <= set(final)
     assert {k: final[k] for k in eval_keys} == {k: summary["after"][k] for k in eval_keys}
     assert eval_keys == set(summary["before"]) == set(summary["after"])
-    assert all(0.0 <= v <= 1.0 for v in summary["after"].values())
+    assert all(0.0 <= summary["after"][k] <= 1.0 for k in rates)
+    for when in ("before", "after"):  # binomial standard errors over the problems evaluated
+        got = summary[when]
+        for k in rates:
+            n = got[k.rsplit("/", 1)[0] + "/n"]
+            assert n == 4  # task.eval_limit of helpers.shrink
+            assert got[k + "_se"] == pytest.approx(math.sqrt(got[k] * (1 - got[k]) / n))
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["steps"] == steps and saved["after"] == summary["after"]
@@ -120,12 +127,16 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
     with open(tmp_path / "summary.json", encoding="utf-8") as f:
         summary = json.load(f)
     out = proc.stdout
-    assert "evaluation            before    after" in out
+    assert re.search(r"^evaluation\s+before\s+after\s+n$", out, re.M), out
     for key in ("eval/test/pass_at_1", "eval/test/pass_at_2", "eval/ood/pass_at_1", "eval/ood/pass_at_2"):
-        m = re.search(rf"^{re.escape(key)}\s+(\S+)\s+(\S+)$", out, re.M)
+        m = re.search(rf"^{re.escape(key)}\s+(\S+) \+- (\S+)\s+(\S+) \+- (\S+)\s+(\d+)$", out,
+                      re.M)
         assert m, f"no row {key} in:\n{out}"
-        assert float(m.group(1)) == pytest.approx(summary["before"][key], abs=5e-4)
-        assert float(m.group(2)) == pytest.approx(summary["after"][key], abs=5e-4)
+        for when, i in (("before", 1), ("after", 3)):  # value, then its standard error
+            assert float(m.group(i)) == pytest.approx(summary[when][key], abs=5e-4)
+            assert float(m.group(i + 1)) == pytest.approx(summary[when][key + "_se"], abs=5e-4)
+        assert int(m.group(5)) == summary["after"][key.rsplit("/", 1)[0] + "/n"]
+    assert not re.search(r"^eval/\S+(_se|/n)\s", out, re.M)  # no rows of their own
     for when in ("before", "after"):  # a sample is right no more often than any of k is
         for name in ("test", "ood"):
             mean, any_k = summary[when][f"eval/{name}/mean_at_2"], summary[when][f"eval/{name}/pass_at_2"]
@@ -177,7 +188,8 @@ def test_malformed_records_are_skipped_and_counted(tmp_path, tiny_model, compile
     for line in bad_lines:  # each skipped record is named by file and line
         assert f"{train_file}:{line}: skipped record" in text
     assert re.search(rf"{re.escape(str(eval_file))}: skipped 1 malformed records", text)
-    assert set(summary["after"]) == {"eval/mine/pass_at_1", "eval/mine/pass_at_2", "eval/mine/mean_at_2"}
+    rates = {"eval/mine/pass_at_1", "eval/mine/pass_at_2", "eval/mine/mean_at_2"}
+    assert set(summary["after"]) == rates | {k + "_se" for k in rates} | {"eval/mine/n"}
 
     strict = dict(ov, **{"task.strict": True})
     with pytest.raises(DataError, match=re.escape(f"{train_file}:{bad_lines[0]}: invalid JSON")):
