@@ -45,7 +45,8 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
             meank += [float(np.mean(okk[i * k:(i + 1) * k])) for i in range(real)]
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
-                         reference=data.answers[i][0] if data.answers[i] else "")
+                         reference=data.answers[i][0] if data.answers[i] else "",
+                         prediction=extract_answer(t))
                     for i, t, o in zip(idx[:real], texts1, ok1, strict=False)]
     out = {"pass_at_1": float(np.mean(hits1)) if hits1 else 0.0}
     if k > 0:

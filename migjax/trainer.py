@@ -27,7 +27,7 @@ from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
 from migjax.rollout import SamplingRules, sample
 from migjax.train_state import TrainState, init_state, make_optimizer, place_state
-from migjax.update import UpdateHParams, make_update, step_watermark
+from migjax.update import UpdateHParams, credit, make_update, step_watermark
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
@@ -110,7 +110,8 @@ def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
 
 
 def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
-    out, rows = {}, []
+    """({"eval/<set>/<metric>": value}, {set: the greedy completions of its first batch})."""
+    out, rows = {}, {}
     key = jax.random.fold_in(jax.random.key(c.seed), EVAL)
     bs = c.eval.batch_size
     rules = eval_rules(c, tokenizer)
@@ -120,7 +121,7 @@ def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
                               put=lambda x: to_global(x, mesh), fetch=gather)
         for k_, v in res.items():
             out[f"eval/{name}/{k_}"] = v
-        rows = rows or rows_
+        rows[name] = rows_
     return out, rows
 
 
@@ -242,7 +243,9 @@ def _train(c, workdir: str) -> dict:
             save_params(host_params, mcfg, export, tokenizer=tokenizer)
             summary["export"] = export
         write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
-            [dict(r, reward=float(r["correct"])) for r in rows[:32]], title="Evaluation samples"))
+            [dict(r, reward=float(r["correct"]), section=f"evaluation set {name}")
+             for name, rs in rows.items() for r in rs[:16]],
+            title=f"Evaluation samples after {c.rl.steps} RL steps (greedy)"))
         atomic_write_json(summary_path, summary)
     return summary
 
@@ -280,15 +283,21 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
         "rollout/len": n_new / len(info["texts"]),
     })
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
-        log_samples(c, workdir, step + 1, info, batch)
+        log_samples(c, workdir, step + 1, info, batch, [data.questions[i] for i in ids])
     return state, metrics
 
 
-def log_samples(c, workdir, step, info, batch):
-    """A text table on the console and an HTML view with per-step credit colouring (the gains
-    g_k under the run's watermark settings, as the update computed them)."""
-    _, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, UpdateHParams.from_config(c))
-    g = np.asarray(wm.g_NxK)
+def log_samples(c, workdir, step, info, batch, questions):
+    """A text table on the console and an HTML view of the first 16 completions: question,
+    reference, extracted prediction, group, advantages (each stream's mean over its tokens, as
+    the update computed them) and the steps with l_k, h_k and g_k under the run's watermark."""
+    hp = UpdateHParams.from_config(c)
+    _, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, hp)
+    streams, _, _ = credit(batch, hp)
+    g, l_, h = (np.asarray(x) for x in (wm.g_NxK, wm.l_NxK1, wm.h_NxK1))
+    adv = {name: _token_mean(np.asarray(a), np.asarray(m)) for name, a, m in (
+        ("outcome", streams.adv_outcome_NxC, streams.mask_outcome_NxC),
+        ("process", streams.adv_process_NxC, streams.mask_process_NxC))}
     rc = np.asarray(batch.r_correct_N)
     rows, html_rows = [], []
     for i, text in enumerate(info["texts"][:16]):
@@ -297,14 +306,23 @@ def log_samples(c, workdir, step, info, batch):
         k = int(info["seg"].num_steps_N[i])
         spans = (step_spans_text(text, max_steps=k, delimiter=c.mig.step_delimiter)
                  if k else [])
-        html_rows.append(dict(prompt="", completion=text, reward=float(rc[i]),
-                              correct=bool(rc[i] > 0.5),
-                              steps=[(text[a:b], float(g[i, j])) for j, (a, b) in
-                                     enumerate(spans[:k])]))
+        html_rows.append(dict(
+            prompt=questions[i // c.rl.group_size], completion=text, reward=float(rc[i]),
+            correct=bool(rc[i] > 0.5), reference=info["refs"][i][0],
+            prediction=info["preds"][i], group=i // c.rl.group_size,
+            advantages={name: float(a[i]) for name, a in adv.items()},
+            steps=[(text[a:b], float(g[i, j]), float(l_[i, j + 1]), float(h[i, j + 1]))
+                   for j, (a, b) in enumerate(spans[:k])]))
     tqdm.write(f"step {step} samples\n" + format_sample_table(
         rows, ["completion", "pred", "ref", "correct", "gain"]))
     write_html(os.path.join(workdir, "samples", f"step_{step:06d}.html"),
                completions_html(html_rows, title=f"Samples at step {step}"))
+
+
+def _token_mean(x_NxC, mask_NxC) -> np.ndarray:
+    """Per-row mean of `x` over the masked tokens (0 where none is)."""
+    m = mask_NxC.astype(np.float32)
+    return (x_NxC * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
 
 
 def report(summary: dict) -> str:

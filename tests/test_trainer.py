@@ -77,7 +77,11 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     assert saved["before"] == summary["before"]
     ckpt = os.path.join(workdir, "checkpoints")
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == ckpt_steps
-    assert os.path.isfile(os.path.join(workdir, "eval_samples.html"))
+    with open(os.path.join(workdir, "eval_samples.html"), encoding="utf-8") as f:
+        page = f.read()  # every evaluation set, each with its reference and prediction
+    assert re.findall(r"<h2>evaluation set ([^<]+)</h2>", page) == list(eval_names)
+    assert page.count("<th>reference</th>") == page.count("<th>prediction</th>") == \
+        page.count('<div class="card">') > 0
     return lines
 
 
@@ -92,7 +96,16 @@ def test_arith_tiny_end_to_end(tmp_path, compile_cache):
     mid = [r for r in lines if r["step"] == 2 and "eval/test/pass_at_1" in r]
     assert len(mid) == 1 and "eval/ood/pass_at_2" in mid[0]
     assert os.path.isfile(tmp_path / "sft_model" / "config.json")  # the warm start's output
-    assert os.path.isfile(tmp_path / "samples" / "step_000002.html")
+    page = (tmp_path / "samples" / "step_000002.html").read_text(encoding="utf-8")
+    cards = page.count('<div class="card">')
+    assert cards == 8  # 4 prompts x 2 samples
+    for field in ("reference", "prediction", "advantage (outcome)", "advantage (process)"):
+        assert page.count(f"<th>{field}</th>") == cards, field
+    assert [int(g) for g in re.findall(r"#\d+ group (\d+) ", page)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert "<div class=\"label\">question</div>\n<div class=\"text\"></div>" not in page
+    if 'class="step"' in page:  # steps show l_k, h_k and g_k, under a legend
+        assert re.search(r'<span class="g">l=-?\d+\.\d+ h=-?\d+\.\d+ g=\d+\.\d+</span>', page)
+        assert page.count('<div class="legend">') == 1
     assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer.json")
     from migjax.models import load_pretrained, split
 
