@@ -18,12 +18,14 @@ import math
 import numbers
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+WANDB_ID_FILE = "wandb_run_id"
 RESERVED = ("step", "time", "final")
 
 
@@ -75,15 +77,51 @@ def read_metrics(path_or_dir: str | os.PathLike) -> list[dict]:
     return [record for _, record in _read_lines(path)]
 
 
-class MetricsWriter:
-    """Appends metrics to `workdir/metrics.jsonl` and, optionally, TensorBoard event files."""
+class WandbWriter:
+    """Scalars to a Weights & Biases run (the `wandb` package, imported only here). The run's
+    id is kept in `workdir/wandb_run_id`, so a resumed run continues the same W&B run. W&B
+    cannot rewrite history: steps logged again after a restart keep their first values there;
+    metrics.jsonl is the record."""
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, project: str, config: Mapping[str, Any] | None = None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("log.wandb=True needs the wandb package (pip install wandb)") from e
+        id_path = os.path.join(workdir, WANDB_ID_FILE)
+        if os.path.isfile(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            from migjax.checkpointing import atomic_write_text
+
+            run_id = secrets.token_hex(8)
+            atomic_write_text(id_path, run_id + "\n")
+        self._run = wandb.init(project=project, name=os.path.basename(os.path.abspath(workdir)),
+                               id=run_id, resume="allow", dir=workdir,
+                               config=dict(config or {}))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(dict(values), step=int(step))
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class MetricsWriter:
+    """Appends metrics to `workdir/metrics.jsonl` and, optionally, TensorBoard event files and
+    a Weights & Biases run (`wandb`: the W&B project and config; None: off)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
+                 wandb: Mapping[str, Any] | None = None):
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.path = os.path.join(self.workdir, METRICS_FILE)
         self._tensorboard = tensorboard
         self._tb = None
+        self._wandb = None if wandb is None else WandbWriter(self.workdir, **wandb)
         self._drop_truncated_tail()
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -124,6 +162,8 @@ class MetricsWriter:
             for k, v in values.items():
                 tb.add_scalar(k, v, global_step=int(step))
             tb.flush()
+        if self._wandb is not None:
+            self._wandb.write(step, values)
 
     def resume(self, step: int) -> None:
         """Keeps only records with `step <= step`, the final evaluation's dropped (after a
@@ -148,6 +188,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -3,6 +3,7 @@ whether the sampler's KV cache and the train state fit in device memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -221,6 +222,8 @@ def preflight(c, *, device_memory_bytes: int | None = None, device_count: int | 
     device_count = jax.device_count() if device_count is None else device_count
     validate(c, device_count)
     check_data_paths(c)
+    if c.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ImportError("log.wandb=True needs the wandb package (pip install wandb)")
     cfg = model_config(c, workdir)
     if device_memory_bytes is None:
         device_memory_bytes = default_device_memory()

@@ -174,7 +174,10 @@ def _train(c, workdir: str) -> dict:
                        shard_index=pid, shard_count=nproc)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                         async_save=c.checkpoint.async_save)
-    writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if pid == 0 else NullWriter()
+    wandb = (dict(project=c.log.wandb_project, config=wd.config_record(c)) if c.log.wandb
+             else None)
+    writer = (MetricsWriter(workdir, tensorboard=c.log.tensorboard, wandb=wandb) if pid == 0
+              else NullWriter())
     start = ckpt.latest_step() or 0
     summary_path = os.path.join(workdir, "summary.json")
     if start >= c.rl.steps and os.path.isfile(summary_path):

@@ -230,3 +230,63 @@ def test_standard_errors_by_hand():
     assert [k for k in sorted(out) if is_rate(k)] == ["mean_at_4", "pass_at_1", "pass_at_4"]
     assert is_rate("eval/test/pass_at_1") and not is_rate("eval/test/pass_at_1_se")
     assert not is_rate("eval/test/n") and not is_rate("reward/correct")
+
+
+class _FakeWandb:
+    """Stands in for the wandb package: records init arguments, logged steps and finish."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, values, step):
+                fake.logged.append((step, values))
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_writer_logs_every_record_and_resumes_the_same_run(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    settings_ = {"project": "proj", "config": {"rl": {"steps": 2}}}
+    with MetricsWriter(tmp_path / "run", tensorboard=False, wandb=settings_) as w:
+        w.write(1, {"x": 1.0, "bad": float("nan")})
+        w.write(2, {"eval/test/pass_at_1": 0.5}, final=True)
+    assert fake.finished == 1
+    (init,) = fake.inits
+    assert init["project"] == "proj" and init["name"] == "run" and init["resume"] == "allow"
+    assert init["config"] == {"rl": {"steps": 2}} and init["dir"] == str(tmp_path / "run")
+    assert fake.logged[0][0] == 1 and fake.logged[0][1]["x"] == 1.0
+    assert math.isnan(fake.logged[0][1]["bad"])
+    assert fake.logged[1] == (2, {"eval/test/pass_at_1": 0.5})
+    with MetricsWriter(tmp_path / "run", tensorboard=False, wandb=settings_) as w:
+        w.resume(1)
+    assert fake.inits[1]["id"] == init["id"] and len(init["id"]) == 16  # the same W&B run
+    with MetricsWriter(tmp_path / "other", tensorboard=False, wandb=settings_):
+        pass
+    assert fake.inits[2]["id"] != init["id"]
+
+
+def test_wandb_is_optional(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys, migjax.trainer, migjax.metrics; "
+            "assert 'wandb' not in sys.modules, 'wandb imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ImportError, match=r"log.wandb=True needs the wandb package"):
+        MetricsWriter(tmp_path, tensorboard=False, wandb={"project": "p"})
+    with MetricsWriter(tmp_path, tensorboard=False) as w:  # off: no wandb needed
+        w.write(1, {"x": 1.0})
+    assert not os.path.exists(tmp_path / "wandb_run_id")

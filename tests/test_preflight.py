@@ -300,3 +300,16 @@ def test_workdir_checkpoint_from_another_architecture(tmp_path):
     assert extra == {"step": 3}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(same), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_wandb_without_the_package_fails_up_front(monkeypatch):
+    import importlib.util
+
+    c = tiny_config(**{"log.wandb": True})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ImportError, match=r"log.wandb=True needs the wandb package"):
+        preflight(c, device_count=1)
+    c.log.wandb = False
+    preflight(c, device_count=1)

@@ -244,3 +244,25 @@ def test_variants_change_only_the_update(tmp_path, sft_model, compile_cache):
     assert stepwise["loss/outcome"] == pytest.approx(mig["loss/outcome"], rel=1e-5, abs=1e-7)
     assert (stepwise["loss/process"], stepwise["adv/process_std"]) != pytest.approx(
         (mig["loss/process"], mig["adv/process_std"]), rel=1e-3, abs=1e-5)
+
+
+def test_wandb_receives_what_metrics_jsonl_holds(tmp_path, sft_model, compile_cache, monkeypatch):
+    """log.wandb=True with a stand-in wandb package: one W&B run named after the workdir, the
+    resolved config, and every record of metrics.jsonl at its step."""
+    import types
+
+    logged, inits = [], []
+    wb_run = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)),
+                                   finish=lambda: None)
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or wb_run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    ov = helpers.shrink("arith_tiny", model_path=sft_model, rl__steps=2, log__wandb=True)
+    run_dir = tmp_path / "wb"
+    summary, _ = run("arith_tiny", run_dir, ov)
+    (init,) = inits
+    assert init["name"] == "wb" and init["project"] == "migjax"
+    assert init["config"]["rl"]["steps"] == 2 and init["config"]["log"]["wandb"] is True
+    lines = read_lines(run_dir)
+    assert [s for s, _ in logged] == [r["step"] for r in lines] == [0, 1, 2, 2]
+    assert logged[-1][1]["eval/test/pass_at_1"] == summary["after"]["eval/test/pass_at_1"]
+    assert logged[1][1]["reward/correct"] == lines[1]["reward/correct"]
