@@ -207,6 +207,7 @@ def is_rate(key: str) -> bool:
 
 
 _LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # left after line breaks and tabs: dropped
 
 
 def _cell(value: Any, max_width: int) -> str:
@@ -214,7 +215,7 @@ def _cell(value: Any, max_width: int) -> str:
         text = f"{float(value):.4g}"  # floats, numpy floats
     else:
         text = str(value)
-    text = _LINE_BREAK.sub("⏎", text).replace("\t", " ")
+    text = _CONTROL.sub("", _LINE_BREAK.sub("⏎", text).replace("\t", " "))
     if len(text) > max_width:
         text = text[: max_width - 1] + "…"
     return text

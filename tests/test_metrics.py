@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 import time
 
@@ -206,8 +207,9 @@ def test_format_sample_table_cells_bounded(texts, max_width):
     for line, text in zip(lines[2:], texts, strict=True):
         assert len(line) <= max_width
         assert not any(ch in BREAKS for ch in line)
+        assert not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in line)
         if len(text) <= max_width and not any(ch in BREAKS + "\t" for ch in text):
-            assert line == text.rstrip()
+            assert line == re.sub("[\x00-\x1f\x7f-\x9f]", "", text).rstrip()
 
 
 def test_timer_rate():
@@ -290,3 +292,8 @@ def test_wandb_is_optional(tmp_path, monkeypatch):
     with MetricsWriter(tmp_path, tensorboard=False) as w:  # off: no wandb needed
         w.write(1, {"x": 1.0})
     assert not os.path.exists(tmp_path / "wandb_run_id")
+
+
+def test_format_sample_table_drops_control_characters():
+    table = format_sample_table([{"c": "11\x1b[0m\x00\x07 ok\tx\ny"}], ["c"])
+    assert table.splitlines()[2] == "11[0m ok x⏎y"
