@@ -30,7 +30,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width
 .text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.9em; }
 .step { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.9em;
         border-left: 3px solid #ddd; padding: 0.2em 0.5em; margin: 0.15em 0; }
-.g { float: right; font-size: 0.8em; color: #555; margin-left: 1em; }
+.g { float: right; font-size: 0.8em; color: #333; margin-left: 1em; padding: 0 0.3em;
+     background: rgba(255, 255, 255, 0.85); border-radius: 3px; }
 .summary { font-size: 0.85em; color: #444; }
 .facts { font-size: 0.85em; border-collapse: collapse; margin-top: 0.4em; }
 .facts th { text-align: left; color: #666; font-weight: normal; padding-right: 1em; }
@@ -82,8 +83,9 @@ def legend_html(scale: float, gains: Sequence[float]) -> str:
     swatches = "".join(
         f'<span class="swatch" style="background: {credit_color(v, scale)}">{_esc(label(v))}'
         "</span>" for v in (-scale, -scale / 2, 0.0, scale / 4, scale / 2, 3 * scale / 4, scale))
-    return (f'<div class="legend">step credit g_k (the rise of the watermark h_k; l_k is the '
-            f"reference answer's log-likelihood after step k): {swatches} full colour at "
+    return (f'<div class="legend">Step colour: its credit g_k (beside each step: l_k, the '
+            "reference answer's log-likelihood after step k; h_k, the watermark; g_k). "
+            f"{swatches} full colour at "
             f"|g_k| &ge; {_esc(_num(scale))}; largest |g_k| on this page "
             f"{_esc(_num(page_max_gain(gains)))}</div>")
 
