@@ -83,3 +83,17 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(wd.ConfigMismatchError, match="loss.alpha") as e:
         wd.check_resume(str(tmp_path), wd.config_record(baseline))
     assert "\n" not in str(e.value)
+
+
+def test_train_refuses_a_changed_config_before_any_work(tmp_path):
+    from migjax import trainer
+
+    c = helpers.make_config("arith_tiny", helpers.shrink("arith_tiny"))
+    wd.write_config(str(tmp_path), c)
+    before = (tmp_path / "config.json").read_text()
+    other = helpers.make_config("arith_tiny", helpers.shrink("arith_tiny", optim__lr=0.5))
+    with pytest.raises(wd.ConfigMismatchError, match=r"\(optim.lr: 5e-05 -> 0.5\)"):
+        trainer.train(other, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == before  # the run's record is kept
+    assert sorted(os.listdir(tmp_path)) == [".lock", "config.json"]  # nothing else began
+    wd.lock(str(tmp_path)).close()  # and the lock was released
