@@ -98,6 +98,19 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, sft_model, compile_cache)
         [(0, False), (1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
     assert ext[:5] == lines[:5]  # the stale final evaluation of step 4 is gone
 
+    # An unreadable latest checkpoint: the run falls back to the one before and redoes step 5.
+    for root, _, files in os.walk(cut_dir / "checkpoints" / "5" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00")
+    os.remove(cut_dir / "summary.json")
+    redone, rec5 = run_here(cut_dir, dict(ov, **{"rl.steps": STEPS + 1}))
+    assert rec5["steps"] == [STEPS + 1] and redone["after"] == longer["after"]
+    for k, v in rec["params"].items():
+        np.testing.assert_array_equal(rec5["params"][k], v, err_msg=k)
+    assert helpers.metrics_lines(cut_dir) == ext
+    assert os.path.isdir(cut_dir / "checkpoints" / "5.unreadable")
+
     c = helpers.make_config("arith_tiny", ov)
     for step in (2, 4):  # the checkpoints themselves: parameters and optimizer state
         a, extra_a = restored_state(ref_dir, step, c)
