@@ -341,6 +341,7 @@ def report(summary: dict) -> str:
     for key in sorted(k for k in summary["after"] if is_rate(k)):
         n = summary["after"].get(key.rsplit("/", 1)[0] + "/n", nan)
         lines.append(f"{key:<22}{cell('before', key):<17}{cell('after', key):<17}{n:.0f}")
+    lines.append("(+- one binomial standard error, sqrt(p (1 - p) / n), over n problems)")
     w = summary["workdir"]
     lines += [f"wall time: {summary['wall_s'] / 60:.1f} min", "outputs:",
               f"  metrics      {os.path.join(w, 'metrics.jsonl')}",

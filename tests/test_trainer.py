@@ -150,6 +150,7 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
             assert float(m.group(i + 1)) == pytest.approx(summary[when][key + "_se"], abs=5e-4)
         assert int(m.group(5)) == summary["after"][key.rsplit("/", 1)[0] + "/n"]
     assert not re.search(r"^eval/\S+(_se|/n)\s", out, re.M)  # no rows of their own
+    assert "(+- one binomial standard error, sqrt(p (1 - p) / n), over n problems)" in out
     for when in ("before", "after"):  # a sample is right no more often than any of k is
         for name in ("test", "ood"):
             mean, any_k = summary[when][f"eval/{name}/mean_at_2"], summary[when][f"eval/{name}/pass_at_2"]
