@@ -31,6 +31,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from migjax.metrics import is_rate
+
 SMOOTH = 5  # steps in the moving average of training curves
 BASE = "mig"
 
@@ -109,7 +111,7 @@ def eval_keys(runs: dict) -> list[str]:
     keys = set()
     for seeds in runs.values():
         for run in seeds.values():
-            keys |= set(run["summary"]["after"])
+            keys |= {k for k in run["summary"]["after"] if is_rate(k)}
     order = lambda k: (k.split("/")[1] != "test", k.split("/")[1], k)
     return sorted(keys, key=order)
 

@@ -47,9 +47,16 @@ def validate(c, device_count: int | None = None) -> None:
     for field in ("rl.steps", "rl.batch_prompts", "rl.group_size", "rl.minibatches", "rl.epochs",
                   "mig.max_steps", "sampler.max_new_tokens", "task.max_prompt_len",
                   "task.max_answer_len", "task.max_variants", "checkpoint.every",
-                  "checkpoint.keep", "log.every"):
+                  "checkpoint.keep", "log.every", "optim.max_consecutive_skips", "mesh.fsdp",
+                  "mesh.tensor"):
         if _get(c, field) < 1:
             raise ValueError(f"{field}={_get(c, field)} must be >= 1")
+    for field in ("task.eval_limit", "task.train_limit", "eval.every", "log.samples_every"):
+        if _get(c, field) < 0:
+            raise ValueError(f"{field}={_get(c, field)} must be >= 0 (0: no limit / off)")
+    if c.mesh.data != -1 and c.mesh.data < 1:
+        raise ValueError(f"mesh.data={c.mesh.data} must be >= 1, or -1 for every device the "
+                         "other axes leave")
     if c.eval.batch_size < 1 or c.eval.pass_k < 0:
         raise ValueError(f"eval.batch_size={c.eval.batch_size} must be >= 1 and "
                          f"eval.pass_k={c.eval.pass_k} >= 0")

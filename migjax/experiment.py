@@ -180,9 +180,16 @@ def build_data(c, tokenizer):
     """(train EncodedExamples, {name: eval EncodedExamples}, counts of skipped records)."""
     train_limit = c.task.train_limit or None
     train, stats = encode(c, tokenizer, raw_examples(c, None, limit=train_limit))
+    if not len(train):
+        where = "task.arith.train_size" if c.task.kind == "arith" else \
+            f"task.train_path={c.task.train_path!r}"
+        raise ValueError(f"{where}: no usable training prompt ({stats})")
     evals = {}
     for name, spec in eval_sets(c).items():
-        evals[name], _ = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
+        evals[name], skipped = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
+        if not len(evals[name]):
+            raise ValueError(f"task.eval.{name}={spec!r}: no usable evaluation problem "
+                             f"({skipped})")
         evals[name] = evals[name].trimmed()
     return train.trimmed(), evals, stats
 

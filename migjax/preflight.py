@@ -3,6 +3,7 @@ whether the sampler's KV cache and the train state fit in device memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -92,14 +93,29 @@ def check_tokenizer(path: str, setting: str, vocab_size: int | None):
     return tokenizer
 
 
+def is_blank_file(path: str) -> bool:
+    """Whether `path` is a file holding nothing but whitespace (read until the first byte
+    that is not)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def check_data_paths(c) -> None:
-    """task.train_path, task.exclude_path and every task.eval entry name existing files."""
+    """task.train_path, task.exclude_path and every task.eval entry name existing files, and
+    the training and evaluation files are not empty."""
     if c.task.kind == "arith":
         return
     if not os.path.exists(c.task.train_path):
         raise FileNotFoundError(f"task.train_path={c.task.train_path!r}: no such file "
                                 f"(relative paths start at {os.getcwd()}; the recipes' data "
                                 f"sets are under MIGJAX_DATA={data_root()})")
+    if is_blank_file(c.task.train_path):
+        raise ValueError(f"task.train_path={c.task.train_path!r}: the file is empty")
     if c.task.exclude_path and not os.path.exists(c.task.exclude_path):
         raise FileNotFoundError(f"task.exclude_path={c.task.exclude_path!r}: no such file")
     for name, spec in c.task.eval.items():
@@ -108,6 +124,8 @@ def check_data_paths(c) -> None:
             raise ValueError(f"task.eval.{name}={spec!r}: expected 'kind:path'")
         if not os.path.exists(path):
             raise FileNotFoundError(f"task.eval.{name}={spec!r}: no such file {path!r}")
+        if is_blank_file(path):
+            raise ValueError(f"task.eval.{name}={spec!r}: the file {path!r} is empty")
 
 
 def check_custom_rewards(c) -> None:
@@ -216,6 +234,8 @@ def preflight(c, *, device_memory_bytes: int | None = None, device_count: int | 
     validate(c, device_count)
     check_data_paths(c)
     check_custom_rewards(c)
+    if c.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ImportError("log.wandb=True needs the wandb package (pip install wandb)")
     cfg = model_config(c, workdir)
     if device_memory_bytes is None:
         device_memory_bytes = default_device_memory()

@@ -202,7 +202,9 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
 
     # Log-probs of the policy that sampled (the parameters before this update), per minibatch.
     # With a single optimizer step they equal the loss's own log-probs, so the loss takes those
-    # (without gradient) and this extra forward pass is skipped.
+    # (without gradient) and this extra forward pass is skipped; the ratio pi / pi_old is then 1
+    # on every token, and policy/clipfrac and policy/approx_kl (losses.ppo_surrogate) are 0 by
+    # construction.
     single = hp.epochs * hp.minibatches == 1
     old_logp_NxC = None
     if not single:

@@ -65,6 +65,12 @@ def test_variants_change_what_they_claim():
     ("rl.steps", 0, "rl.steps"),
     ("warmstart.distracted_prob", 1.5, "warmstart.distracted_prob"),
     ("warmstart.group_by_length", -1, "warmstart.group_by_length"),
+    ("mesh.tensor", 0, "mesh.tensor=0 must be >= 1"),
+    ("mesh.fsdp", 0, "mesh.fsdp=0 must be >= 1"),
+    ("mesh.data", 0, "mesh.data=0 must be >= 1, or -1"),
+    ("optim.max_consecutive_skips", 0, "optim.max_consecutive_skips=0 must be >= 1"),
+    ("task.eval_limit", -1, "task.eval_limit=-1 must be >= 0"),
+    ("task.train_limit", -3, "task.train_limit=-3 must be >= 0"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = load("arith_tiny")

@@ -200,6 +200,8 @@ def get_config() -> mlc.ConfigDict:
     c.log.samples_every = 25  # text table and HTML view of sampled completions
     c.log.tensorboard = True
     c.log.progress = True
+    c.log.wandb = False  # also log to Weights & Biases (needs `pip install wandb` and a login)
+    c.log.wandb_project = "migjax"  # the W&B project; the run is named after its workdir
 
     c.mesh = mlc.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
