@@ -146,7 +146,8 @@ def test_trainer_sample_pages_escape_model_output(tmp_path):
                             r_format_N=np.asarray([1.0, 0.0], np.float32),
                             num_steps_N=np.asarray([2, 0], np.int32), mask_NxC=mask,
                             cot_mask_NxC=mask & np.asarray([[1], [0]], bool),
-                            step_id_NxC=np.asarray([[1, 1, 2, 0], [0, 0, 0, 0]], np.int32))
+                            step_id_NxC=np.asarray([[1, 1, 2, 0], [0, 0, 0, 0]], np.int32),
+                            r_custom_N=None, truncated_N=None)
     from configs.base import get_config
 
     c = get_config()
@@ -277,7 +278,8 @@ def test_trainer_sample_pages_use_the_runs_watermark_settings(tmp_path):
                             r_correct_N=np.asarray([1.0], np.float32),
                             r_format_N=np.asarray([1.0], np.float32),
                             num_steps_N=np.asarray([2], np.int32), mask_NxC=mask,
-                            cot_mask_NxC=mask, step_id_NxC=np.asarray([[1, 1, 2, 2]], np.int32))
+                            cot_mask_NxC=mask, step_id_NxC=np.asarray([[1, 1, 2, 2]], np.int32),
+                            r_custom_N=None, truncated_N=None)
     pages = {}
     for watermark in (True, False):
         c = get_config()

@@ -80,7 +80,7 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
                              r"\d+ -> 8\)"):
         wd.check_resume(str(tmp_path), wd.config_record(wider))
     baseline = helpers.make_config("arith_tiny", {}, variant="grpo_matched")
-    with pytest.raises(wd.ConfigMismatchError, match="loss.alpha") as e:
+    with pytest.raises(wd.ConfigMismatchError, match="loss.w_process") as e:
         wd.check_resume(str(tmp_path), wd.config_record(baseline))
     assert "\n" not in str(e.value)
 
