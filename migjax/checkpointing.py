@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +36,24 @@ MANIFEST_ITEM = "manifest"
 _ITEMS = (STATE_ITEM, EXTRA_ITEM, MANIFEST_ITEM)
 TMP_MARKER = ".orbax-checkpoint-tmp"
 MANIFEST_VERSION = 1
+UNREADABLE_SUFFIX = ".unreadable"  # a damaged checkpoint moved aside by `restore_latest`
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint whose files cannot be read (as opposed to one of another model)."""
+
+
+def _create_temp(parent: str, prefix: str) -> tuple[int, str]:
+    """A new file `parent/prefix<random>.tmp` opened for writing, with the permissions any other
+    new file gets (0666 less the umask; `mkstemp` would make it 0600, unreadable to the
+    colleagues, TensorBoard or web server the umask lets read the workdir)."""
+    for _ in range(100):
+        tmp = os.path.join(parent, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {parent}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -43,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _create_temp(parent, f".{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -241,7 +259,8 @@ class Checkpointer:
             manifest = self._manager.restore(step, args=ocp.args.Composite(**{
                 MANIFEST_ITEM: ocp.args.JsonRestore()}))[MANIFEST_ITEM]
         except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"cannot read the manifest of checkpoint {where}: {e}") from e
+            raise UnreadableCheckpointError(
+                f"cannot read the manifest of checkpoint {where}: {_first_line(e)}") from e
         abstract = jax.tree.map(_abstract_leaf, abstract_state)
         check_manifest(manifest["leaves"], tree_manifest(abstract), where)
         try:
@@ -250,5 +269,47 @@ class Checkpointer:
                 EXTRA_ITEM: ocp.args.JsonRestore(),
             }))
         except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"cannot restore checkpoint {where}: {e}") from e
+            raise UnreadableCheckpointError(
+                f"cannot restore checkpoint {where}: {_first_line(e)}") from e
         return restored[STATE_ITEM], dict(restored[EXTRA_ITEM])
+
+    def restore_latest(self, abstract_state: Any, warn=print) -> tuple[int, Any, dict]:
+        """`(step, state, extra)` of the newest checkpoint that can be read. One that cannot
+        (damaged or missing files) is passed over, saying so through `warn`, and once an older
+        one restores it is moved aside to `<step>.unreadable` (so later saves do not collide
+        with it). Raises UnreadableCheckpointError naming the folders to delete when none can
+        be read; a checkpoint of another model raises ValueError as `restore` does."""
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no finalized checkpoint in {self.directory}")
+        broken = []
+        for step in reversed(steps):
+            try:
+                state, extra = self.restore(step, abstract_state)
+            except UnreadableCheckpointError as e:
+                broken.append(step)
+                warn(f"{e}; trying the checkpoint before it")
+                continue
+            for b in broken:
+                self._move_aside(b, warn)
+            if broken:
+                warn(f"resuming from checkpoint {step}, the newest that can be read")
+            return step, state, extra
+        folders = " ".join(os.path.join(self.directory, str(b)) for b in broken)
+        raise UnreadableCheckpointError(f"no checkpoint in {self.directory} can be read; delete "
+                                        f"{folders} to start over")
+
+    def _move_aside(self, step: int, warn) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst, n = src + UNREADABLE_SUFFIX, 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{UNREADABLE_SUFFIX}.{n}", n + 1
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+            warn(f"moved the unreadable checkpoint {src} to {dst}")
+        self._manager.reload()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

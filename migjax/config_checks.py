@@ -20,6 +20,15 @@ CHOICES = {
 }
 
 
+# Settings renamed since earlier versions: old dotted key -> what to write instead.
+RENAMED = {
+    "loss.beta": "loss.beta was renamed loss.w_outcome (the outcome-loss weight); the KL "
+                 "coefficient is loss.kl_coef",
+    "loss.alpha": "loss.alpha was renamed loss.w_process (the process-loss weight)",
+    "loss.gamma": "loss.gamma was renamed loss.w_sft (the dual-gated SFT weight)",
+}
+
+
 def _get(c, dotted):
     for part in dotted.split("."):
         c = c[part]
@@ -28,15 +37,26 @@ def _get(c, dotted):
 
 def validate(c, device_count: int | None = None) -> None:
     """Raises ValueError on the first inconsistent setting."""
+    for old, message in RENAMED.items():  # a config file that still sets an old name
+        group, leaf = old.split(".")
+        if leaf in c[group]:
+            raise ValueError(message)
     for field, allowed in CHOICES.items():
         if _get(c, field) not in allowed:
             raise ValueError(f"{field}={_get(c, field)!r}; expected one of {allowed}")
     for field in ("rl.steps", "rl.batch_prompts", "rl.group_size", "rl.minibatches", "rl.epochs",
                   "mig.max_steps", "sampler.max_new_tokens", "task.max_prompt_len",
                   "task.max_answer_len", "task.max_variants", "checkpoint.every",
-                  "checkpoint.keep", "log.every"):
+                  "checkpoint.keep", "log.every", "optim.max_consecutive_skips", "mesh.fsdp",
+                  "mesh.tensor"):
         if _get(c, field) < 1:
             raise ValueError(f"{field}={_get(c, field)} must be >= 1")
+    for field in ("task.eval_limit", "task.train_limit", "eval.every", "log.samples_every"):
+        if _get(c, field) < 0:
+            raise ValueError(f"{field}={_get(c, field)} must be >= 0 (0: no limit / off)")
+    if c.mesh.data != -1 and c.mesh.data < 1:
+        raise ValueError(f"mesh.data={c.mesh.data} must be >= 1, or -1 for every device the "
+                         "other axes leave")
     if c.eval.batch_size < 1 or c.eval.pass_k < 0:
         raise ValueError(f"eval.batch_size={c.eval.batch_size} must be >= 1 and "
                          f"eval.pass_k={c.eval.pass_k} >= 0")
@@ -44,7 +64,7 @@ def validate(c, device_count: int | None = None) -> None:
     if n % c.rl.minibatches:
         raise ValueError(f"rl.batch_prompts * rl.group_size = {n} is not divisible by "
                          f"rl.minibatches={c.rl.minibatches}")
-    if c.mig.h0 == "zero" and c.mig.likelihood_space == "log" and c.loss.alpha:
+    if c.mig.h0 == "zero" and c.mig.likelihood_space == "log" and c.loss.w_process:
         raise ValueError("mig.h0='zero' with mig.likelihood_space='log' gives no step any credit "
                          "(log-likelihoods are <= 0); use mig.likelihood_space='prob'")
     if c.mig.reward == "end_of_cot" and c.mig.advantage_mode != "trajectory":
@@ -73,6 +93,9 @@ def validate(c, device_count: int | None = None) -> None:
         raise ValueError(f"task.train_path is required for task.kind={c.task.kind!r}")
     if c.task.kind != "arith" and not (c.model.path or c.model.preset):
         raise ValueError(f"task.kind={c.task.kind!r} needs model.path (or model.preset)")
+    if len(c.reward.custom) != len(c.reward.custom_weights):
+        raise ValueError(f"reward.custom has {len(c.reward.custom)} functions but "
+                         f"reward.custom_weights has {len(c.reward.custom_weights)} weights")
     if c.model.preset and c.model.path:
         raise ValueError("set only one of model.path and model.preset")
     if device_count is not None:

@@ -18,7 +18,8 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
              rules: SamplingRules, batch_size: int, k: int, key, put=jnp.asarray,
              fetch=np.asarray, max_examples: int | None = None):
     """{"pass_at_1": greedy accuracy, "pass_at_k": any of k samples correct, "mean_at_k": the fraction
-    of the k samples that are correct (the sampling policy's own accuracy)} and example rows.
+    of the k samples that are correct (the sampling policy's own accuracy), each with its
+    standard error `<key>_se`, and "n": the problems} and example rows.
 
     Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
     `put` places a host batch (the same numpy array on every process) on the devices and
@@ -44,13 +45,26 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
             meank += [float(np.mean(okk[i * k:(i + 1) * k])) for i in range(real)]
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
-                         reference=data.answers[i][0] if data.answers[i] else "")
+                         reference=data.answers[i][0] if data.answers[i] else "",
+                         prediction=extract_answer(t))
                     for i, t, o in zip(idx[:real], texts1, ok1, strict=False)]
     out = {"pass_at_1": float(np.mean(hits1)) if hits1 else 0.0}
     if k > 0:
         out[f"pass_at_{k}"] = float(np.mean(hitsk)) if hitsk else 0.0
         out[f"mean_at_{k}"] = float(np.mean(meank)) if meank else 0.0
-    return out, rows
+    return with_standard_errors(out, n), rows
+
+
+def with_standard_errors(rates: dict[str, float], n: int) -> dict[str, float]:
+    """`rates` with `<key>_se` = sqrt(p (1 - p) / n) beside each and `n` (problems). For
+    pass@k this is the binomial standard error over problems; for mean@k, each problem's
+    fraction of correct samples varies at most as much as one Bernoulli draw, so it is an upper
+    bound."""
+    out = dict(rates)
+    for key, p in rates.items():
+        out[f"{key}_se"] = float(np.sqrt(p * (1.0 - p) / n)) if n else float("nan")
+    out["n"] = float(n)
+    return out
 
 
 def completion_texts(tokenizer, rollout, fetch=np.asarray) -> list[str]:

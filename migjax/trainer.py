@@ -14,19 +14,21 @@ import numpy as np
 from tqdm import tqdm
 
 from migjax import experiment as ex
-from migjax.checkpointing import Checkpointer, atomic_write_json, atomic_write_text
+from migjax import workdir as wd
+from migjax.checkpointing import Checkpointer, atomic_write_json
 from migjax.data.pipeline import make_iterator
 from migjax.data.tokenizer import token_strings
 from migjax.evaluation import evaluate
-from migjax.metrics import MetricsWriter, format_sample_table
+from migjax.metrics import MetricsWriter, format_sample_table, is_rate
 from migjax.models.loading import save_params
 from migjax.models.sharding import batch_sharding, gather
+from migjax.rewards.custom import CustomRewards
 from migjax.rewards.segment import step_spans_text
 from migjax.rewards.stage import MigRules, RewardStage
 from migjax.rewards.verify import Verifier
 from migjax.rollout import SamplingRules, sample
 from migjax.train_state import TrainState, init_state, make_optimizer, place_state
-from migjax.update import UpdateHParams, make_update, step_watermark
+from migjax.update import UpdateHParams, credit, make_update, step_watermark
 from migjax.viz import completions_html, write_html
 from migjax.warmstart import run_warmstart
 
@@ -43,7 +45,7 @@ class NonFiniteError(RuntimeError):
 class NullWriter:
     """Stands in for the metrics writer on processes other than 0."""
 
-    def write(self, step, metrics):
+    def write(self, step, metrics, *, final=False):
         pass
 
     def resume(self, step):
@@ -90,6 +92,31 @@ def eval_rules(c, tokenizer) -> SamplingRules:
     return dataclasses.replace(rules, max_new_tokens=c.eval.max_new_tokens or rules.max_new_tokens)
 
 
+def uses_warmstart(c) -> bool:
+    """Whether the run trains (or reuses) the supervised warm start `WORKDIR/sft_model`: the
+    supervised mode, and RL with `warmstart.steps > 0` and `model.init_from_sft` (a cold start of
+    `model.path`, or of the scratch shape when it is empty)."""
+    return c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0)
+
+
+def restore_state(ckpt: Checkpointer, step: int | None, state: TrainState):
+    """(state, extra) of checkpoint `step` (None: the latest), restored onto the shapes, dtypes
+    and shardings of `state`."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    return ckpt.restore(step, abstract)
+
+
+def export_params(params, mcfg, workdir: str, tokenizer, out: str | None = None) -> str:
+    """Writes `params` as a Hugging Face directory (default WORKDIR/export). Every process takes
+    part in gathering parameters sharded across hosts; process 0 writes."""
+    out = out or os.path.join(workdir, "export")
+    host_params = jax.tree.map(gather, params)
+    if jax.process_index() == 0:
+        save_params(host_params, mcfg, out, tokenizer=tokenizer)
+    return out
+
+
 def rl_optimizer(c):
     """The RL optimizer of a config (`optim.*`)."""
     return make_optimizer(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
@@ -97,10 +124,11 @@ def rl_optimizer(c):
                           grad_clip=c.optim.grad_clip)
 
 
-def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
-    """The host-side reward stage (verification, segmentation, step likelihoods) of a config."""
+def reward_stage(c, tokenizer, mcfg, verifier, custom=None) -> RewardStage:
+    """The host-side reward stage (verification, segmentation, step likelihoods, the user's
+    reward functions `custom`) of a config."""
     return RewardStage(tokenizer, token_strings(tokenizer, size=mcfg.vocab_size),
-                       probe=c.mig.probe, verifier=verifier,
+                       probe=c.mig.probe, verifier=verifier, custom=custom,
                        completion_prefix=c.task.completion_prefix,
                        rules=MigRules(max_steps=c.mig.max_steps, delimiter=c.mig.step_delimiter,
                                       variant_reduce=c.mig.variant_reduce,
@@ -109,7 +137,8 @@ def reward_stage(c, tokenizer, mcfg, verifier) -> RewardStage:
 
 
 def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
-    out, rows = {}, []
+    """({"eval/<set>/<metric>": value}, {set: the greedy completions of its first batch})."""
+    out, rows = {}, {}
     key = jax.random.fold_in(jax.random.key(c.seed), EVAL)
     bs = c.eval.batch_size
     rules = eval_rules(c, tokenizer)
@@ -119,22 +148,36 @@ def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
                               put=lambda x: to_global(x, mesh), fetch=gather)
         for k_, v in res.items():
             out[f"eval/{name}/{k_}"] = v
-        rows = rows or rows_
+        rows[name] = rows_
     return out, rows
 
 
 def train(c, workdir: str) -> dict:
-    """Runs the config in `workdir` (resuming from its last checkpoint) and returns a summary."""
-    t_start = time.time()
+    """Runs the config in `workdir` (resuming from its last checkpoint) and returns a summary.
+    Process 0 holds the workdir's lock while it runs; a workdir holding another config (beyond
+    `workdir.RESUMABLE`) is refused."""
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        atomic_write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=1))
+    held = wd.lock(workdir) if jax.process_index() == 0 else None
+    try:
+        wd.check_resume(workdir, wd.config_record(c))
+        if held is not None:
+            wd.write_config(workdir, c)
+        return _train(c, workdir)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _train(c, workdir: str) -> dict:
+    t_start = time.time()
     mesh = ex.build_mesh(c)
     tokenizer = ex.build_tokenizer(c, workdir)
     verifier = Verifier(timeout_s=c.reward.verify_timeout_s)
     rules = sampling_rules(c, tokenizer)
+    if c.mode != "sft":  # before the warm start: an empty data set fails here, not after it
+        train_data, evals, data_stats = ex.build_data(c, tokenizer)
     model_path = None
-    if c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0):
+    if uses_warmstart(c):
         model_path = run_warmstart(c, workdir, tokenizer, mesh)
     if c.mode == "sft":  # the supervised stage alone: its model directory is the output
         verifier.close()
@@ -142,7 +185,6 @@ def train(c, workdir: str) -> dict:
         return {"before": {}, "after": {}, "steps": c.warmstart.steps, "workdir": workdir,
                 "wall_s": time.time() - t_start, "export": model_path}
     graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path, workdir)
-    train_data, evals, data_stats = ex.build_data(c, tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
 
@@ -152,32 +194,50 @@ def train(c, workdir: str) -> dict:
     ref_params = jax.tree.map(jnp.copy, params) if needs_ref else None
     hp = UpdateHParams.from_config(c)
     update_fn = make_update(graphdef, optimizer, hp, shardings)
-    stage = reward_stage(c, tokenizer, mcfg, verifier)
+    custom = CustomRewards.from_config(c)
+    stage = reward_stage(c, tokenizer, mcfg, verifier, custom)
     nproc, pid = jax.process_count(), jax.process_index()
     it = make_iterator(train_data, batch_size=c.rl.batch_prompts // nproc, seed=c.seed,
                        shard_index=pid, shard_count=nproc)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                         async_save=c.checkpoint.async_save)
-    writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard) if pid == 0 else NullWriter()
+    wandb = (dict(project=c.log.wandb_project, config=wd.config_record(c)) if c.log.wandb
+             else None)
+    writer = (MetricsWriter(workdir, tensorboard=c.log.tensorboard, wandb=wandb) if pid == 0
+              else NullWriter())
     start = ckpt.latest_step() or 0
     summary_path = os.path.join(workdir, "summary.json")
     if start >= c.rl.steps and os.path.isfile(summary_path):
         # Finished already: evaluating again would only log the final evaluation twice.
-        for done_with in (writer, ckpt, verifier, it):
-            done_with.close()
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
-        say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
+        if c.checkpoint.export_hf and "export" not in summary:
+            state, _ = restore_state(ckpt, start, state)
+            summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
+            if pid == 0:
+                atomic_write_json(summary_path, summary)
+            say(f"{workdir} holds a finished run of {summary['steps']} steps; checkpoint "
+                f"{start} exported to {summary['export']}")
+        else:
+            say(f"{workdir} holds a finished run of {summary['steps']} steps; nothing to do")
+        for done_with in (writer, ckpt, verifier, it, custom):
+            if done_with is not None:
+                done_with.close()
         return summary
-    writer.resume(start)  # drop metrics logged after the last complete checkpoint
+    if start > c.rl.steps:
+        raise ValueError(f"{ckpt.directory} holds checkpoint {start}, past rl.steps="
+                         f"{c.rl.steps}; raise rl.steps or use another --workdir")
     if start:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), state)
-        state, extra = ckpt.restore(start, abstract)
+        start, state, extra = ckpt.restore_latest(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         state), warn=say)
         it.set_state(extra["data"])
         before = extra["before"]
         say(f"resumed from checkpoint {start} in {ckpt.directory}")
-    else:
+    # Drop what was logged after the checkpoint resumed from, and the final evaluation of a
+    # run now extended; without a checkpoint, the evaluation before RL is logged again.
+    writer.resume(start if start else -1)
+    if not start:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
                               mesh)
         writer.write(0, {**before, "time/elapsed_s": time.time() - t_start})  # curves start here
@@ -208,22 +268,21 @@ def train(c, workdir: str) -> dict:
             ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
     ckpt.wait()
     after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, c, mesh)
-    writer.write(c.rl.steps, {**{k: v for k, v in after.items()}, "time/elapsed_s":
-                              time.time() - t_start})
+    writer.write(c.rl.steps, {**after, "time/elapsed_s": time.time() - t_start}, final=True)
     writer.close()
     ckpt.close()
     verifier.close()
+    if custom is not None:
+        custom.close()
     summary = {"before": before, "after": after, "steps": c.rl.steps, "workdir": workdir,
                "wall_s": time.time() - t_start}
-    # every process takes part in gathering parameters sharded across hosts; process 0 writes
-    host_params = jax.tree.map(gather, state.params) if c.checkpoint.export_hf else None
+    if c.checkpoint.export_hf:
+        summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
     if pid == 0:
-        if c.checkpoint.export_hf:
-            export = os.path.join(workdir, "export")
-            save_params(host_params, mcfg, export, tokenizer=tokenizer)
-            summary["export"] = export
         write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
-            [dict(r, reward=float(r["correct"])) for r in rows[:32]], title="Evaluation samples"))
+            [dict(r, reward=float(r["correct"]), section=f"evaluation set {name}")
+             for name, rs in rows.items() for r in rs[:16]],
+            title=f"Evaluation samples after {c.rl.steps} RL steps (greedy)"))
         atomic_write_json(summary_path, summary)
     return summary
 
@@ -260,16 +319,24 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
         "rollout/truncated_frac": float(np.mean(np.asarray(rollout.truncated_N))),
         "rollout/len": n_new / len(info["texts"]),
     })
+    if stage.custom is not None:
+        metrics["reward/custom_failed"] = float(stage.custom.n_failed)  # items so far
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
-        log_samples(c, workdir, step + 1, info, batch)
+        log_samples(c, workdir, step + 1, info, batch, [data.questions[i] for i in ids])
     return state, metrics
 
 
-def log_samples(c, workdir, step, info, batch):
-    """A text table on the console and an HTML view with per-step credit colouring (the gains
-    g_k under the run's watermark settings, as the update computed them)."""
-    _, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, UpdateHParams.from_config(c))
-    g = np.asarray(wm.g_NxK)
+def log_samples(c, workdir, step, info, batch, questions):
+    """A text table on the console and an HTML view of the first 16 completions: question,
+    reference, extracted prediction, group, advantages (each stream's mean over its tokens, as
+    the update computed them) and the steps with l_k, h_k and g_k under the run's watermark."""
+    hp = UpdateHParams.from_config(c)
+    _, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, hp)
+    streams, _, _ = credit(batch, hp)
+    g, l_, h = (np.asarray(x) for x in (wm.g_NxK, wm.l_NxK1, wm.h_NxK1))
+    adv = {name: _token_mean(np.asarray(a), np.asarray(m)) for name, a, m in (
+        ("outcome", streams.adv_outcome_NxC, streams.mask_outcome_NxC),
+        ("process", streams.adv_process_NxC, streams.mask_process_NxC))}
     rc = np.asarray(batch.r_correct_N)
     rows, html_rows = [], []
     for i, text in enumerate(info["texts"][:16]):
@@ -278,22 +345,39 @@ def log_samples(c, workdir, step, info, batch):
         k = int(info["seg"].num_steps_N[i])
         spans = (step_spans_text(text, max_steps=k, delimiter=c.mig.step_delimiter)
                  if k else [])
-        html_rows.append(dict(prompt="", completion=text, reward=float(rc[i]),
-                              correct=bool(rc[i] > 0.5),
-                              steps=[(text[a:b], float(g[i, j])) for j, (a, b) in
-                                     enumerate(spans[:k])]))
+        html_rows.append(dict(
+            prompt=questions[i // c.rl.group_size], completion=text, reward=float(rc[i]),
+            correct=bool(rc[i] > 0.5), reference=info["refs"][i][0],
+            prediction=info["preds"][i], group=i // c.rl.group_size,
+            advantages={name: float(a[i]) for name, a in adv.items()},
+            steps=[(text[a:b], float(g[i, j]), float(l_[i, j + 1]), float(h[i, j + 1]))
+                   for j, (a, b) in enumerate(spans[:k])]))
     tqdm.write(f"step {step} samples\n" + format_sample_table(
         rows, ["completion", "pred", "ref", "correct", "gain"]))
     write_html(os.path.join(workdir, "samples", f"step_{step:06d}.html"),
                completions_html(html_rows, title=f"Samples at step {step}"))
 
 
+def _token_mean(x_NxC, mask_NxC) -> np.ndarray:
+    """Per-row mean of `x` over the masked tokens (0 where none is)."""
+    m = mask_NxC.astype(np.float32)
+    return (x_NxC * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+
 def report(summary: dict) -> str:
-    """The closing lines of a run: pass@1 before and after RL per evaluation set, and outputs."""
-    lines = ["", "evaluation            before    after"]
-    for key in sorted(summary["after"]):
-        b, a = summary["before"].get(key, float("nan")), summary["after"][key]
-        lines.append(f"{key:<20} {b:>8.3f} {a:>8.3f}")
+    """The closing lines of a run: pass@k and mean@k before and after RL per evaluation set,
+    each +- its binomial standard error, with the number of problems; and the outputs."""
+    nan = float("nan")
+
+    def cell(when, key):
+        got = summary[when]
+        return f"{got.get(key, nan):.3f} +- {got.get(key + '_se', nan):.3f}"
+
+    lines = ["", f"{'evaluation':<22}{'before':<17}{'after':<17}n"]
+    for key in sorted(k for k in summary["after"] if is_rate(k)):
+        n = summary["after"].get(key.rsplit("/", 1)[0] + "/n", nan)
+        lines.append(f"{key:<22}{cell('before', key):<17}{cell('after', key):<17}{n:.0f}")
+    lines.append("(+- one binomial standard error, sqrt(p (1 - p) / n), over n problems)")
     w = summary["workdir"]
     lines += [f"wall time: {summary['wall_s'] / 60:.1f} min", "outputs:",
               f"  metrics      {os.path.join(w, 'metrics.jsonl')}",

@@ -44,3 +44,5 @@ class TrainBatch(NamedTuple):
     num_steps_N: jax.Array  # int32, K of each completion (0 = no parseable CoT)
     r_correct_N: jax.Array  # float32
     r_format_N: jax.Array  # float32
+    r_custom_N: jax.Array | None = None  # float32, weighted sum of reward.custom (None: none)
+    truncated_N: jax.Array | None = None  # bool, hit the token budget (rl.mask_truncated)

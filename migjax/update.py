@@ -44,7 +44,7 @@ class UpdateHParams:
     estimator: str = "grpo"
     std_normalize: bool = True
     unbiased_std: bool = False
-    # loss
+    # loss (METHOD.md's names; the config keys are loss.w_process, loss.w_outcome, loss.w_sft)
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 0.1
@@ -55,6 +55,7 @@ class UpdateHParams:
     kl_estimator: str = "k3"
     sft_gates: tuple[str, ...] = ("format", "correct")
     nan_at_step: int = -1
+    mask_truncated: bool = False
 
     @classmethod
     def from_config(cls, c) -> UpdateHParams:
@@ -66,10 +67,10 @@ class UpdateHParams:
             advantage_mode=c.mig.advantage_mode, reward_to_go=c.mig.reward_to_go,
             decoupled=c.mig.decoupled, estimator=c.adv.estimator,
             std_normalize=c.adv.std_normalize, unbiased_std=c.adv.unbiased_std,
-            alpha=c.loss.alpha, beta=c.loss.beta, gamma=c.loss.gamma, eps_low=c.loss.eps_low,
-            eps_high=c.loss.eps_high, aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
-            kl_estimator=c.loss.kl_estimator, sft_gates=tuple(c.sft.gates),
-            nan_at_step=c.debug.nan_at_step)
+            alpha=c.loss.w_process, beta=c.loss.w_outcome, gamma=c.loss.w_sft,
+            eps_low=c.loss.eps_low, eps_high=c.loss.eps_high, aggregation=c.loss.aggregation,
+            kl_coef=c.loss.kl_coef, kl_estimator=c.loss.kl_estimator, sft_gates=tuple(c.sft.gates),
+            nan_at_step=c.debug.nan_at_step, mask_truncated=c.rl.mask_truncated)
 
 
 def step_watermark(l_NxK1, step_mask_NxK, hp: UpdateHParams) -> tuple[jax.Array, wm_lib.Watermark]:
@@ -83,6 +84,8 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
     l, wm = step_watermark(batch.l_NxK1, batch.step_mask_NxK, hp)
     gains_N = wm_lib.gain_sum(wm)
     r_out_N = batch.r_correct_N + hp.w_format * batch.r_format_N
+    if batch.r_custom_N is not None:
+        r_out_N = r_out_N + batch.r_custom_N
     norm = dict(estimator=hp.estimator, std_normalize=hp.std_normalize,
                 unbiased_std=hp.unbiased_std)
     adv_out_N = adv_lib.group_advantages(r_out_N, hp.group_size, **norm)
@@ -105,10 +108,13 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
         proc_seq_N=proc_seq_N if hp.advantage_mode == "trajectory" else None,
         alpha=hp.alpha, beta=hp.beta)
     sft_pass_N = losses.sft_gate(batch.r_correct_N, batch.r_format_N, gains_N, hp.sft_gates)
+    if hp.mask_truncated:
+        streams, sft_pass_N = drop_truncated(streams, sft_pass_N, batch.truncated_N)
     stats = {
         "reward/correct": jnp.mean(batch.r_correct_N),
         "reward/format": jnp.mean(batch.r_format_N),
         "reward/outcome": jnp.mean(r_out_N),
+        **({} if batch.r_custom_N is None else {"reward/custom": jnp.mean(batch.r_custom_N)}),
         "mig/l0": jnp.mean(l[:, 0]),
         "mig/lK": jnp.mean(wm_lib.end_of_cot(l, batch.num_steps_N)),
         "mig/gain_sum": jnp.mean(gains_N),
@@ -126,6 +132,26 @@ def credit(batch: TrainBatch, hp: UpdateHParams):
         "adv/corr_process_outcome": _corr(proc_seq_N, adv_out_N),
     }
     return streams, sft_pass_N, stats
+
+
+def drop_truncated(streams: adv_lib.Streams, sft_pass_N, truncated_N):
+    """Streams and SFT gate without the truncated completions (`rl.mask_truncated`)."""
+    if truncated_N is None:
+        raise ValueError("rl.mask_truncated needs TrainBatch.truncated_N")
+    keep_NxC = ~jnp.asarray(truncated_N, bool)[:, None]
+    streams = streams._replace(
+        adv_process_NxC=jnp.where(keep_NxC, streams.adv_process_NxC, 0.0),
+        mask_process_NxC=streams.mask_process_NxC & keep_NxC,
+        adv_outcome_NxC=jnp.where(keep_NxC, streams.adv_outcome_NxC, 0.0),
+        mask_outcome_NxC=streams.mask_outcome_NxC & keep_NxC)
+    return streams, sft_pass_N & keep_NxC[:, 0]
+
+
+def loss_mask(batch: TrainBatch, hp: UpdateHParams):
+    """M_full of the SFT and KL terms: the completion tokens, less truncated completions'."""
+    if not hp.mask_truncated:
+        return batch.mask_NxC
+    return batch.mask_NxC & ~jnp.asarray(batch.truncated_N, bool)[:, None]
 
 
 def _masked_std(x, m):
@@ -176,7 +202,9 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
 
     # Log-probs of the policy that sampled (the parameters before this update), per minibatch.
     # With a single optimizer step they equal the loss's own log-probs, so the loss takes those
-    # (without gradient) and this extra forward pass is skipped.
+    # (without gradient) and this extra forward pass is skipped; the ratio pi / pi_old is then 1
+    # on every token, and policy/clipfrac and policy/approx_kl (losses.ppo_surrogate) are 0 by
+    # construction.
     single = hp.epochs * hp.minibatches == 1
     old_logp_NxC = None
     if not single:
@@ -186,7 +214,8 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
     if ref_params is not None:
         ref = jax.lax.map(lambda b: lp_fn(ref_params, b)[0], jax.tree.map(split, batch))
         ref_logp_NxC = jax.lax.stop_gradient(ref.reshape(n, -1))
-    rows = dict(batch=batch, streams=streams, sft=sft_pass_N, old=old_logp_NxC, ref=ref_logp_NxC)
+    rows = dict(batch=batch, streams=streams, sft=sft_pass_N, old=old_logp_NxC, ref=ref_logp_NxC,
+                loss_mask=loss_mask(batch, hp))
     w_proc, w_out = adv_lib.stream_weights(hp.decoupled, hp.alpha, hp.beta)
 
     def loss_fn(params, r, step):
@@ -195,7 +224,7 @@ def update(graphdef, optimizer: optax.GradientTransformation, state: TrainState,
         s = r["streams"]
         total, m = losses.objective(
             logp, old, s.adv_process_NxC, s.mask_process_NxC, s.adv_outcome_NxC,
-            s.mask_outcome_NxC, r["batch"].mask_NxC, r["sft"], ref_logp_NxC=r["ref"],
+            s.mask_outcome_NxC, r["loss_mask"], r["sft"], ref_logp_NxC=r["ref"],
             alpha=w_proc, beta=w_out, gamma=hp.gamma, kl_coef=hp.kl_coef,
             kl_kind=hp.kl_estimator, eps_low=hp.eps_low, eps_high=hp.eps_high,
             aggregation=hp.aggregation)

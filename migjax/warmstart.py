@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,6 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     Hugging Face directory `workdir/sft_model`, which later runs reuse; a folder there without
     its config.json (an interrupted save) is replaced."""
     import os
-    import shutil
 
     from tqdm import tqdm
 
@@ -156,12 +156,12 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     from migjax.train_state import init_state, place_state
 
     out = os.path.join(workdir, "sft_model")
-    if os.path.isfile(os.path.join(out, "config.json")):
+    if is_complete(out):
         return out
-    if os.path.isdir(out) and jax.process_index() == 0:
-        logging.getLogger(__name__).warning("warm start: %s has no config.json (an interrupted "
-                                            "save); replacing it", out)
-        shutil.rmtree(out)
+    if os.path.exists(out) and jax.process_index() == 0:
+        logging.getLogger(__name__).warning(
+            "warm start: %s is incomplete (no config.json, weights or tokenizer: an interrupted "
+            "save); training it again and replacing it", out)
     w = c.warmstart
     init = c if (c.model.path or c.model.preset) else _scratch_only(c)
     graphdef, params, mcfg = ex.build_model(init, tokenizer, mesh, workdir=workdir)
@@ -209,11 +209,25 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     ckpt.close()
     host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
     if jax.process_index() == 0:
-        shutil.rmtree(out + ".tmp", ignore_errors=True)
+        for stale in (out + ".tmp", out):  # an interrupted save, a partial folder
+            shutil.rmtree(stale, ignore_errors=True)
         save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
     ex._barrier("sft_model")  # the other processes load what process 0 wrote
     return out
+
+
+def is_complete(model_dir: str) -> bool:
+    """Whether a saved warm start holds everything a run loads: config, weights, tokenizer."""
+    import os
+
+    from migjax.preflight import check_model_dir
+
+    try:
+        check_model_dir(model_dir, "sft_model")
+    except (OSError, ValueError):
+        return False
+    return os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
 
 
 def _scratch_only(c):

@@ -292,3 +292,66 @@ def test_save_rejects_bad_extra_and_duplicate_step(tmp_path):
             ck.save(1, {"x": jnp.ones(2)}, {})
     with pytest.raises(ValueError, match="keep must be >= 1"):
         Checkpointer(tmp_path, keep=0)
+
+
+def _corrupt(step_dir):
+    """Overwrites every file of a checkpoint's state item with garbage, as a bad disk would."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    states = {s: {"x": jnp.full((3,), float(s))} for s in (1, 2, 3)}
+    abstract = {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        for s, state in states.items():
+            ck.save(s, state, {"step": s})
+    _corrupt(tmp_path / "3")
+    said = []
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        with pytest.raises(checkpointing.UnreadableCheckpointError, match=str(tmp_path / "3")):
+            ck.restore(3, abstract)
+        step, restored, extra = ck.restore_latest(abstract, warn=said.append)
+        assert (step, extra) == (2, {"step": 2})
+        np.testing.assert_array_equal(restored["x"], states[2]["x"])
+        assert ck.all_steps() == [1, 2]  # moved aside, so the resumed run can save step 3
+        ck.save(3, states[3], {"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "3.unreadable"]
+    assert any(f"cannot restore checkpoint {tmp_path / '3'}" in m for m in said)
+    assert any("resuming from checkpoint 2" in m for m in said)
+    assert all("\n" not in m for m in said)
+
+    for s in ("1", "2", "3"):
+        _corrupt(tmp_path / s)
+    with Checkpointer(tmp_path, async_save=False) as ck:
+        with pytest.raises(checkpointing.UnreadableCheckpointError,
+                           match=f"delete {tmp_path / '3'} {tmp_path / '2'} {tmp_path / '1'}"):
+            ck.restore_latest(abstract, warn=said.append)
+        assert ck.all_steps() == [1, 2, 3]  # nothing moved when nothing can be read
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Outputs get 0666 less the umask, like any new file, not mkstemp's 0600: a colleague,
+    TensorBoard or a web server running as another user can read what the umask allows."""
+    from migjax.metrics import MetricsWriter
+    from migjax.viz import write_html
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_json(tmp_path / "summary.json", {"x": 1})
+        write_html(tmp_path / "samples" / "s.html", "<p>x</p>")
+        with MetricsWriter(tmp_path, tensorboard=False) as w:
+            w.write(1, {"x": 1.0})
+        with Checkpointer(tmp_path / "checkpoints", async_save=False) as ck:
+            ck.save(1, {"x": jnp.ones((2,))}, {"step": 1})
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    files = [os.path.join(root, f) for root, _, names in os.walk(tmp_path) for f in names]
+    assert len(files) > 5
+    modes = {os.path.relpath(f, tmp_path): oct(os.stat(f).st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {oct(want)}, modes

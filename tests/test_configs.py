@@ -38,15 +38,15 @@ def test_every_recipe_and_variant_validates(name, variant):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_docstring_holds_the_command(name):
-    doc = importlib.import_module(f"configs.{name}").__doc__
-    assert f"configs/{name}.py" in doc and "python -m migjax.main" in doc
+    doc = importlib.import_module(f"migjax.configs.{name}").__doc__
+    assert f"python -m migjax.main --config={name}" in doc
 
 
 def test_variants_change_what_they_claim():
     base = load("arith_tiny")
-    assert base.loss.alpha == 1.0 and base.mig.watermark
-    assert load("arith_tiny", "grpo_matched").loss.alpha == 0.0
-    assert load("arith_tiny", "grpo_matched").loss.gamma == 0.0
+    assert base.loss.w_process == 1.0 and base.mig.watermark
+    assert load("arith_tiny", "grpo_matched").loss.w_process == 0.0
+    assert load("arith_tiny", "grpo_matched").loss.w_sft == 0.0
     assert load("arith_tiny", "dapo").loss.eps_high == 0.28
     assert load("arith_tiny", "dr_grpo").adv.estimator == "dr_grpo"
     assert not load("arith_tiny", "no_watermark").mig.watermark
@@ -65,6 +65,12 @@ def test_variants_change_what_they_claim():
     ("rl.steps", 0, "rl.steps"),
     ("warmstart.distracted_prob", 1.5, "warmstart.distracted_prob"),
     ("warmstart.group_by_length", -1, "warmstart.group_by_length"),
+    ("mesh.tensor", 0, "mesh.tensor=0 must be >= 1"),
+    ("mesh.fsdp", 0, "mesh.fsdp=0 must be >= 1"),
+    ("mesh.data", 0, "mesh.data=0 must be >= 1, or -1"),
+    ("optim.max_consecutive_skips", 0, "optim.max_consecutive_skips=0 must be >= 1"),
+    ("task.eval_limit", -1, "task.eval_limit=-1 must be >= 0"),
+    ("task.train_limit", -3, "task.train_limit=-3 must be >= 0"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = load("arith_tiny")

@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 import time
 
@@ -103,6 +104,34 @@ def test_resume_keeps_steps_up_to_checkpoint_and_drops_truncated_line(tmp_path):
     assert [p for p in os.listdir(tmp_path)] == ["metrics.jsonl"]
 
 
+def test_resume_drops_the_final_evaluation(tmp_path):
+    """A run resumed at its last checkpoint (killed before summary.json) or extended past it
+    evaluates again at its end: the earlier final evaluation must not stay behind."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(0, {"eval": 0.1})
+        w.write(1, {"x": 1.0})
+        w.write(2, {"x": 2.0})
+        w.write(2, {"eval": 0.5}, final=True)
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(3, {"final": 1.0})
+    records = read_metrics(tmp_path)
+    assert [r.get("final", False) for r in records] == [False, False, False, True]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(2)  # killed between the final evaluation and summary.json
+        w.write(2, {"eval": 0.5}, final=True)
+    assert [(r["step"], "eval" in r) for r in read_metrics(tmp_path)] == \
+        [(0, True), (1, False), (2, False), (2, True)]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(2)  # extended to 3 steps
+        w.write(3, {"x": 3.0})
+        w.write(3, {"eval": 0.7}, final=True)
+    assert [(r["step"], r.get("final", False)) for r in read_metrics(tmp_path)] == \
+        [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.resume(-1)  # restarted before its first checkpoint: the step-0 evaluation goes too
+    assert read_metrics(tmp_path) == []
+
+
 def test_reopen_without_resume_repairs_truncated_tail(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "time": 1.0, "x": 1.0}\n{"step": 2, "ti')
@@ -178,8 +207,9 @@ def test_format_sample_table_cells_bounded(texts, max_width):
     for line, text in zip(lines[2:], texts, strict=True):
         assert len(line) <= max_width
         assert not any(ch in BREAKS for ch in line)
+        assert not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in line)
         if len(text) <= max_width and not any(ch in BREAKS + "\t" for ch in text):
-            assert line == text.rstrip()
+            assert line == re.sub("[\x00-\x1f\x7f-\x9f]", "", text).rstrip()
 
 
 def test_timer_rate():
@@ -188,3 +218,82 @@ def test_timer_rate():
     assert 0.015 < t.seconds < 1.0
     assert t.rate(100) == pytest.approx(100 / t.seconds)
     assert Timer().rate(5) == 0.0
+
+
+def test_standard_errors_by_hand():
+    from migjax.evaluation import with_standard_errors
+    from migjax.metrics import is_rate
+
+    out = with_standard_errors({"pass_at_1": 0.25, "pass_at_4": 1.0, "mean_at_4": 0.5}, 4)
+    assert out["pass_at_1_se"] == pytest.approx(math.sqrt(0.25 * 0.75 / 4))  # 0.2165
+    assert out["pass_at_4_se"] == 0.0 and out["mean_at_4_se"] == pytest.approx(0.25)
+    assert out["n"] == 4.0 and out["pass_at_1"] == 0.25
+    assert math.isnan(with_standard_errors({"pass_at_1": 0.0}, 0)["pass_at_1_se"])
+    assert [k for k in sorted(out) if is_rate(k)] == ["mean_at_4", "pass_at_1", "pass_at_4"]
+    assert is_rate("eval/test/pass_at_1") and not is_rate("eval/test/pass_at_1_se")
+    assert not is_rate("eval/test/n") and not is_rate("reward/correct")
+
+
+class _FakeWandb:
+    """Stands in for the wandb package: records init arguments, logged steps and finish."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, values, step):
+                fake.logged.append((step, values))
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_writer_logs_every_record_and_resumes_the_same_run(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    settings_ = {"project": "proj", "config": {"rl": {"steps": 2}}}
+    with MetricsWriter(tmp_path / "run", tensorboard=False, wandb=settings_) as w:
+        w.write(1, {"x": 1.0, "bad": float("nan")})
+        w.write(2, {"eval/test/pass_at_1": 0.5}, final=True)
+    assert fake.finished == 1
+    (init,) = fake.inits
+    assert init["project"] == "proj" and init["name"] == "run" and init["resume"] == "allow"
+    assert init["config"] == {"rl": {"steps": 2}} and init["dir"] == str(tmp_path / "run")
+    assert fake.logged[0][0] == 1 and fake.logged[0][1]["x"] == 1.0
+    assert math.isnan(fake.logged[0][1]["bad"])
+    assert fake.logged[1] == (2, {"eval/test/pass_at_1": 0.5})
+    with MetricsWriter(tmp_path / "run", tensorboard=False, wandb=settings_) as w:
+        w.resume(1)
+    assert fake.inits[1]["id"] == init["id"] and len(init["id"]) == 16  # the same W&B run
+    with MetricsWriter(tmp_path / "other", tensorboard=False, wandb=settings_):
+        pass
+    assert fake.inits[2]["id"] != init["id"]
+
+
+def test_wandb_is_optional(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys, migjax.trainer, migjax.metrics; "
+            "assert 'wandb' not in sys.modules, 'wandb imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ImportError, match=r"log.wandb=True needs the wandb package"):
+        MetricsWriter(tmp_path, tensorboard=False, wandb={"project": "p"})
+    with MetricsWriter(tmp_path, tensorboard=False) as w:  # off: no wandb needed
+        w.write(1, {"x": 1.0})
+    assert not os.path.exists(tmp_path / "wandb_run_id")
+
+
+def test_format_sample_table_drops_control_characters():
+    table = format_sample_table([{"c": "11\x1b[0m\x00\x07 ok\tx\ny"}], ["c"])
+    assert table.splitlines()[2] == "11[0m ok x⏎y"

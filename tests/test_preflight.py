@@ -237,6 +237,34 @@ def test_data_paths_are_checked(tmp_path):
     preflight(c, device_count=1)
 
 
+def test_empty_data_files_and_sets_are_named(tmp_path, tokenizer_dir):
+    from migjax import experiment as ex
+    from migjax.data.tokenizer import load_tokenizer
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n  \n")
+    test.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    c = tiny_config(**{"task.kind": "gsm8k", "model.preset": "tiny",
+                       "task.train_path": str(train)})
+    c.task.eval = {"test": f"gsm8k:{test}"}
+    with pytest.raises(ValueError, match=rf"task\.train_path='{train}': the file is empty"):
+        preflight(c, device_count=1)
+    train.write_text('{"question": "2+2?", "answer": "#### 4"}\n')
+    preflight(c, device_count=1)
+    test.write_text("")
+    with pytest.raises(ValueError, match=rf"task\.eval\.test=.*the file '{test}' is empty"):
+        preflight(c, device_count=1)
+    test.write_text('{"no_question": 1}\n')  # every record malformed: an empty set
+    preflight(c, device_count=1)
+    tok = load_tokenizer(tokenizer_dir[0])
+    with pytest.raises(ValueError, match=r"task\.eval\.test=.*no usable evaluation problem"):
+        ex.build_data(c, tok)
+    c.task.eval = {}
+    train.write_text('{"question": "' + "7 + " * 200 + '1?", "answer": "#### 8"}\n')
+    with pytest.raises(ValueError, match=rf"task\.train_path='{train}': no usable training"):
+        ex.build_data(c, tok)  # its only prompt is too long and skipped
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -272,3 +300,16 @@ def test_workdir_checkpoint_from_another_architecture(tmp_path):
     assert extra == {"step": 3}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(same), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_wandb_without_the_package_fails_up_front(monkeypatch):
+    import importlib.util
+
+    c = tiny_config(**{"log.wandb": True})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ImportError, match=r"log.wandb=True needs the wandb package"):
+        preflight(c, device_count=1)
+    c.log.wandb = False
+    preflight(c, device_count=1)

@@ -77,6 +77,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, sft_model, compile_cache)
 
     lines, ref_lines = helpers.metrics_lines(cut_dir), helpers.metrics_lines(ref_dir)
     assert [r["step"] for r in lines] == [0, 1, 2, 3, 4, 4]  # no step lost or repeated
+    assert [r.get("final", False) for r in lines] == [False] * 5 + [True]  # the last: after RL
     assert lines == ref_lines  # every logged value, bit for bit (timings aside)
     assert all("eval/ood/pass_at_1" in lines[i] for i in (0, 2, 5))
     assert lines[:4] == before  # step 3 logged again by the resumed run: the same values
@@ -84,6 +85,31 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, sft_model, compile_cache)
     again, rec = run_here(cut_dir, ov)  # a finished run started again does nothing
     assert rec["steps"] == [] and again["after"] == summary["after"]
     assert helpers.metrics_lines(cut_dir) == lines
+
+    os.remove(cut_dir / "summary.json")  # as if killed between the final evaluation and it
+    again, rec = run_here(cut_dir, ov)
+    assert rec["steps"] == [] and again["after"] == summary["after"]
+    assert helpers.metrics_lines(cut_dir) == lines  # the final evaluation once
+
+    longer, rec = run_here(cut_dir, dict(ov, **{"rl.steps": STEPS + 1}))  # extended by a step
+    assert rec["steps"] == [STEPS + 1] and longer["steps"] == STEPS + 1
+    ext = helpers.metrics_lines(cut_dir)
+    assert [(r["step"], r.get("final", False)) for r in ext] == \
+        [(0, False), (1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
+    assert ext[:5] == lines[:5]  # the stale final evaluation of step 4 is gone
+
+    # An unreadable latest checkpoint: the run falls back to the one before and redoes step 5.
+    for root, _, files in os.walk(cut_dir / "checkpoints" / "5" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00")
+    os.remove(cut_dir / "summary.json")
+    redone, rec5 = run_here(cut_dir, dict(ov, **{"rl.steps": STEPS + 1}))
+    assert rec5["steps"] == [STEPS + 1] and redone["after"] == longer["after"]
+    for k, v in rec["params"].items():
+        np.testing.assert_array_equal(rec5["params"][k], v, err_msg=k)
+    assert helpers.metrics_lines(cut_dir) == ext
+    assert os.path.isdir(cut_dir / "checkpoints" / "5.unreadable")
 
     c = helpers.make_config("arith_tiny", ov)
     for step in (2, 4):  # the checkpoints themselves: parameters and optimizer state

@@ -138,13 +138,21 @@ def test_trainer_sample_pages_escape_model_output(tmp_path):
     texts = [completion, EVIL]
     seg = SimpleNamespace(num_steps_N=np.asarray([2, 0], np.int32))
     info = {"texts": texts, "preds": [EVIL, ""], "refs": [[EVIL], ["7"]], "seg": seg}
+    mask = np.ones((2, 4), bool)
     batch = SimpleNamespace(l_NxK1=np.asarray([[-3.0, -2.0, -1.0], [-3.0, -3.0, -3.0]],
                                               np.float32),
                             step_mask_NxK=np.asarray([[True, True], [False, False]]),
-                            r_correct_N=np.asarray([1.0, 0.0], np.float32))
+                            r_correct_N=np.asarray([1.0, 0.0], np.float32),
+                            r_format_N=np.asarray([1.0, 0.0], np.float32),
+                            num_steps_N=np.asarray([2, 0], np.int32), mask_NxC=mask,
+                            cot_mask_NxC=mask & np.asarray([[1], [0]], bool),
+                            step_id_NxC=np.asarray([[1, 1, 2, 0], [0, 0, 0, 0]], np.int32),
+                            r_custom_N=None, truncated_N=None)
     from configs.base import get_config
 
-    trainer.log_samples(get_config(), str(tmp_path), 7, info, batch)
+    c = get_config()
+    c.rl.group_size = 2
+    trainer.log_samples(c, str(tmp_path), 7, info, batch, [EVIL])
     page = tmp_path / "samples" / "step_000007.html"
     raw = page.read_text(encoding="utf-8")
     assert "<script" not in raw.lower() and "<img" not in raw.lower()
@@ -152,7 +160,8 @@ def test_trainer_sample_pages_escape_model_output(tmp_path):
     assert "script" not in parsed.tags and "img" not in parsed.tags
     assert "onerror" not in parsed.attrs and "src" not in parsed.attrs
     assert EVIL in "".join(parsed.text)  # shown, as text
-    assert raw.count("&lt;script&gt;") >= 3  # the step, the completion, the second sample
+    # the question (twice: one group), the step, the completions, the prediction, the reference
+    assert raw.count("&lt;script&gt;") >= 7
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -263,14 +272,20 @@ def test_trainer_sample_pages_use_the_runs_watermark_settings(tmp_path):
     completion = "<think>\nStep 1: 3 + 4 = 7\nStep 2: 7 + 1 = 8\n</think>\n<answer>8</answer>"
     seg = SimpleNamespace(num_steps_N=np.asarray([2], np.int32))
     info = {"texts": [completion], "preds": ["8"], "refs": [["8"]], "seg": seg}
+    mask = np.ones((1, 4), bool)
     batch = SimpleNamespace(l_NxK1=np.asarray([[-3.0, -1.0, -2.0]], np.float32),
                             step_mask_NxK=np.asarray([[True, True]]),
-                            r_correct_N=np.asarray([1.0], np.float32))
+                            r_correct_N=np.asarray([1.0], np.float32),
+                            r_format_N=np.asarray([1.0], np.float32),
+                            num_steps_N=np.asarray([2], np.int32), mask_NxC=mask,
+                            cot_mask_NxC=mask, step_id_NxC=np.asarray([[1, 1, 2, 2]], np.int32),
+                            r_custom_N=None, truncated_N=None)
     pages = {}
     for watermark in (True, False):
         c = get_config()
         c.mig.watermark = watermark
-        trainer.log_samples(c, str(tmp_path / str(watermark)), 3, info, batch)
+        c.rl.group_size = 1
+        trainer.log_samples(c, str(tmp_path / str(watermark)), 3, info, batch, ["3 + 4 + 1?"])
         with open(tmp_path / str(watermark) / "samples" / "step_000003.html", encoding="utf-8") as f:
             pages[watermark] = f.read()
     assert "g=2.0000" in pages[True] and "g=0.0000" in pages[True]

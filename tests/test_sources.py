@@ -210,6 +210,23 @@ def test_limit_and_generic_jsonl(tmp_path):
     assert [e.id for e in limited] == ["g:1", "g:2"]
 
 
+def test_generic_jsonl_solution_and_variant_fields(tmp_path):
+    path = tmp_path / "s.jsonl"
+    rows = [
+        {"problem": "p1", "final": "", "worked": "so \\boxed{12}", "alts": ["12.0", "twelve"]},
+        {"problem": "p2", "final": "3", "worked": "ignored \\boxed{9}", "alts": "three"},
+        {"problem": "p3", "worked": "no final value here"},
+        {"problem": "p4", "final": "4", "alts": [{"x": 1}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    examples, stats = load_examples("jsonl", str(path), question_field="problem",
+                                    answer_field="final", solution_field="worked",
+                                    variants_field="alts")
+    assert [(e.question, e.answers) for e in examples] == [
+        ("p1", ("12", "12.0", "twelve")), ("p2", ("3", "three"))]
+    assert stats.reasons == {"no_final_answer": 1, "bad_variants": 1}
+
+
 def test_svamp_array_errors(tmp_path):
     path = tmp_path / "s.json"
     good = {"ID": "chal-1", "Body": "A has 2.", "Question": "How many?", "Answer": 2.0}

@@ -105,7 +105,7 @@ def test_launcher_shares_the_warm_start_skips_and_resumes(tmp_path, compile_cach
     assert {c["model"]["path"] for c in cfgs} == {
         glob.glob(str(root / "warmstarts" / "*" / "sft_model"))[0]}
     assert [c["seed"] for c in cfgs] == [0, 1, 0]
-    assert cfgs[2]["loss"]["alpha"] == 0.0
+    assert cfgs[2]["loss"]["w_process"] == 0.0
 
     # finished points are skipped; an interrupted point (its checkpoint kept, its summary and
     # results gone) resumes from its checkpoint instead of starting again

@@ -42,8 +42,9 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     lines = read_lines(workdir)
     train_lines = [r for r in lines if "reward/correct" in r]
     assert [r["step"] for r in train_lines] == list(range(1, steps + 1))
-    eval_keys = {f"eval/{n}/{m}" for n in eval_names
-                 for m in ("pass_at_1", f"pass_at_{pass_k}", f"mean_at_{pass_k}")}
+    rates = {f"eval/{n}/{m}" for n in eval_names
+             for m in ("pass_at_1", f"pass_at_{pass_k}", f"mean_at_{pass_k}")}
+    eval_keys = rates | {k + "_se" for k in rates} | {f"eval/{n}/n" for n in eval_names}
     for r, metrics in zip(train_lines, rec["metrics"], strict=True):
         missing = [k for k in helpers.STEP_METRICS + helpers.LOSS_METRICS if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
@@ -63,14 +64,24 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
     assert final["step"] == steps and eval_keys <= set(final)
     assert {k: final[k] for k in eval_keys} == {k: summary["after"][k] for k in eval_keys}
     assert eval_keys == set(summary["before"]) == set(summary["after"])
-    assert all(0.0 <= v <= 1.0 for v in summary["after"].values())
+    assert all(0.0 <= summary["after"][k] <= 1.0 for k in rates)
+    for when in ("before", "after"):  # binomial standard errors over the problems evaluated
+        got = summary[when]
+        for k in rates:
+            n = got[k.rsplit("/", 1)[0] + "/n"]
+            assert n == 4  # task.eval_limit of helpers.shrink
+            assert got[k + "_se"] == pytest.approx(math.sqrt(got[k] * (1 - got[k]) / n))
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["steps"] == steps and saved["after"] == summary["after"]
     assert saved["before"] == summary["before"]
     ckpt = os.path.join(workdir, "checkpoints")
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == ckpt_steps
-    assert os.path.isfile(os.path.join(workdir, "eval_samples.html"))
+    with open(os.path.join(workdir, "eval_samples.html"), encoding="utf-8") as f:
+        page = f.read()  # every evaluation set, each with its reference and prediction
+    assert re.findall(r"<h2>evaluation set ([^<]+)</h2>", page) == list(eval_names)
+    assert page.count("<th>reference</th>") == page.count("<th>prediction</th>") == \
+        page.count('<div class="card">') > 0
     return lines
 
 
@@ -85,7 +96,16 @@ def test_arith_tiny_end_to_end(tmp_path, compile_cache):
     mid = [r for r in lines if r["step"] == 2 and "eval/test/pass_at_1" in r]
     assert len(mid) == 1 and "eval/ood/pass_at_2" in mid[0]
     assert os.path.isfile(tmp_path / "sft_model" / "config.json")  # the warm start's output
-    assert os.path.isfile(tmp_path / "samples" / "step_000002.html")
+    page = (tmp_path / "samples" / "step_000002.html").read_text(encoding="utf-8")
+    cards = page.count('<div class="card">')
+    assert cards == 8  # 4 prompts x 2 samples
+    for field in ("reference", "prediction", "advantage (outcome)", "advantage (process)"):
+        assert page.count(f"<th>{field}</th>") == cards, field
+    assert [int(g) for g in re.findall(r"#\d+ group (\d+) ", page)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert "<div class=\"label\">question</div>\n<div class=\"text\"></div>" not in page
+    if 'class="step"' in page:  # steps show l_k, h_k and g_k, under a legend
+        assert re.search(r'<span class="g">l=-?\d+\.\d+ h=-?\d+\.\d+ g=\d+\.\d+</span>', page)
+        assert page.count('<div class="legend">') == 1
     assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer.json")
     from migjax.models import load_pretrained, split
 
@@ -120,12 +140,17 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
     with open(tmp_path / "summary.json", encoding="utf-8") as f:
         summary = json.load(f)
     out = proc.stdout
-    assert "evaluation            before    after" in out
+    assert re.search(r"^evaluation\s+before\s+after\s+n$", out, re.M), out
     for key in ("eval/test/pass_at_1", "eval/test/pass_at_2", "eval/ood/pass_at_1", "eval/ood/pass_at_2"):
-        m = re.search(rf"^{re.escape(key)}\s+(\S+)\s+(\S+)$", out, re.M)
+        m = re.search(rf"^{re.escape(key)}\s+(\S+) \+- (\S+)\s+(\S+) \+- (\S+)\s+(\d+)$", out,
+                      re.M)
         assert m, f"no row {key} in:\n{out}"
-        assert float(m.group(1)) == pytest.approx(summary["before"][key], abs=5e-4)
-        assert float(m.group(2)) == pytest.approx(summary["after"][key], abs=5e-4)
+        for when, i in (("before", 1), ("after", 3)):  # value, then its standard error
+            assert float(m.group(i)) == pytest.approx(summary[when][key], abs=5e-4)
+            assert float(m.group(i + 1)) == pytest.approx(summary[when][key + "_se"], abs=5e-4)
+        assert int(m.group(5)) == summary["after"][key.rsplit("/", 1)[0] + "/n"]
+    assert not re.search(r"^eval/\S+(_se|/n)\s", out, re.M)  # no rows of their own
+    assert "(+- one binomial standard error, sqrt(p (1 - p) / n), over n problems)" in out
     for when in ("before", "after"):  # a sample is right no more often than any of k is
         for name in ("test", "ood"):
             mean, any_k = summary[when][f"eval/{name}/mean_at_2"], summary[when][f"eval/{name}/pass_at_2"]
@@ -177,7 +202,8 @@ def test_malformed_records_are_skipped_and_counted(tmp_path, tiny_model, compile
     for line in bad_lines:  # each skipped record is named by file and line
         assert f"{train_file}:{line}: skipped record" in text
     assert re.search(rf"{re.escape(str(eval_file))}: skipped 1 malformed records", text)
-    assert set(summary["after"]) == {"eval/mine/pass_at_1", "eval/mine/pass_at_2", "eval/mine/mean_at_2"}
+    rates = {"eval/mine/pass_at_1", "eval/mine/pass_at_2", "eval/mine/mean_at_2"}
+    assert set(summary["after"]) == rates | {k + "_se" for k in rates} | {"eval/mine/n"}
 
     strict = dict(ov, **{"task.strict": True})
     with pytest.raises(DataError, match=re.escape(f"{train_file}:{bad_lines[0]}: invalid JSON")):
@@ -219,3 +245,25 @@ def test_variants_change_only_the_update(tmp_path, sft_model, compile_cache):
     assert stepwise["loss/outcome"] == pytest.approx(mig["loss/outcome"], rel=1e-5, abs=1e-7)
     assert (stepwise["loss/process"], stepwise["adv/process_std"]) != pytest.approx(
         (mig["loss/process"], mig["adv/process_std"]), rel=1e-3, abs=1e-5)
+
+
+def test_wandb_receives_what_metrics_jsonl_holds(tmp_path, sft_model, compile_cache, monkeypatch):
+    """log.wandb=True with a stand-in wandb package: one W&B run named after the workdir, the
+    resolved config, and every record of metrics.jsonl at its step."""
+    import types
+
+    logged, inits = [], []
+    wb_run = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)),
+                                   finish=lambda: None)
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or wb_run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    ov = helpers.shrink("arith_tiny", model_path=sft_model, rl__steps=2, log__wandb=True)
+    run_dir = tmp_path / "wb"
+    summary, _ = run("arith_tiny", run_dir, ov)
+    (init,) = inits
+    assert init["name"] == "wb" and init["project"] == "migjax"
+    assert init["config"]["rl"]["steps"] == 2 and init["config"]["log"]["wandb"] is True
+    lines = read_lines(run_dir)
+    assert [s for s, _ in logged] == [r["step"] for r in lines] == [0, 1, 2, 2]
+    assert logged[-1][1]["eval/test/pass_at_1"] == summary["after"]["eval/test/pass_at_1"]
+    assert logged[1][1]["reward/correct"] == lines[1]["reward/correct"]

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migjax.viz import (
+    GAIN_SCALE,
+    clean_text,
     completions_html,
     credit_color,
     credit_html,
@@ -103,23 +105,35 @@ def test_arbitrary_text_round_trips_as_text(question, completion):
         "div",
     ]
     text = "".join(parsed.text)
-    assert question.replace("\r", "\n") in text.replace("\r", "\n")
-    assert completion.replace("\r", "\n") in text.replace("\r", "\n")
+    assert clean_text(question) in text and clean_text(completion) in text
 
 
-def test_credit_colours_scale_with_page_max():
-    page = credit_html(
-        [
-            _credit_record(g=[0.0, 0.5]),
-            _credit_record(steps=["a"], g=[2.0], l=[0.0, 1.0], h=[0.0, 1.0]),
-        ]
-    )
-    backgrounds = re.findall(r'class="step" style="background: ([^"]+)"', page)
-    assert backgrounds == [
-        "rgba(255, 255, 255, 0.000)",
-        "rgba(40, 167, 69, 0.250)",
-        "rgba(40, 167, 69, 1.000)",
-    ]
+def test_control_characters_are_stripped():
+    assert clean_text("a\x00b\x1b[31mc\x7f\x85d\te\r\nf\rg") == "ab[31mcd\te\nf\ng"
+    page = completions_html([{"prompt": "q\x07", "completion": "x\x1b[0m\x00y", "reward": 0.0,
+                              "correct": False, "prediction": "\x08 5"}])
+    assert not any(ch in page for ch in "\x00\x07\x08\x1b")
+    assert "x[0my" in "".join(_parse(page).text)
+
+
+def test_credit_colours_use_an_absolute_scale():
+    """A gain has the same colour on every page, whatever the page's largest gain."""
+    small = credit_html([_credit_record(g=[0.0, GAIN_SCALE / 4])])
+    large = credit_html([
+        _credit_record(g=[0.0, GAIN_SCALE / 4]),
+        _credit_record(steps=["a"], g=[4 * GAIN_SCALE], l=[0.0, 1.0], h=[0.0, 1.0]),
+    ])
+    step_bg = r'class="step" style="background: ([^"]+)"'
+    assert re.findall(step_bg, small) == ["rgba(255, 255, 255, 0.000)", "rgba(40, 167, 69, 0.250)"]
+    assert re.findall(step_bg, large) == re.findall(step_bg, small) + ["rgba(40, 167, 69, 1.000)"]
+    for page, largest in ((small, GAIN_SCALE / 4), (large, 4 * GAIN_SCALE)):
+        (legend,) = re.findall(r'<div class="legend">.*?</div>', page)
+        swatches = re.findall(r'class="swatch" style="background: ([^"]+)">([^<]+)<', legend)
+        assert [label for _, label in swatches] == ["≤ -0.50", "-0.25", "0", "+0.12", "+0.25",
+                                                    "+0.38", "≥ +0.50"]
+        assert swatches[-1][0] == "rgba(40, 167, 69, 1.000)"
+        assert swatches[0][0] == "rgba(220, 53, 69, 1.000)"
+        assert f"largest |g_k| on this page {largest:.4f}" in legend
 
 
 def test_credit_color_values():
@@ -139,6 +153,8 @@ def test_credit_tooltips_and_summary():
         "step 1: l_k=-2.5000 h_k=-2.5000 g_k=0.5000",
         "step 2: l_k=-1.5000 h_k=-1.5000 g_k=1.0000",
     ]
+    shown = re.findall(r'<span class="g">([^<]+)</span>', page)  # visible, not only on hover
+    assert shown == ["l=-2.5000 h=-2.5000 g=0.5000", "l=-1.5000 h=-1.5000 g=1.0000"]
     assert "l_0 = -3.0000, sum g = 1.5000, l_K = -1.5000" in page
     # K entries of l and h (no k = 0) are accepted too.
     page_k = credit_html([_credit_record(l=[-2.5, -1.5], h=[-2.0, -1.5])])
@@ -181,3 +197,25 @@ def test_write_html_atomic(tmp_path):
     write_html(path, page)
     assert path.read_text(encoding="utf-8") == page
     assert os.listdir(path.parent) == ["credit.html"]
+
+
+def test_completions_show_question_reference_prediction_group_advantages_and_sets():
+    rows = [
+        {"prompt": "What is 2+3?", "completion": "<think>Step 1: 2+3=5</think> 5", "reward": 1.0,
+         "correct": True, "reference": "5", "prediction": "5", "group": 0,
+         "advantages": {"outcome": 0.7071, "process": -0.25},
+         "steps": [("Step 1: 2+3=5", 0.25, -0.5, -0.5)], "section": "evaluation set test"},
+        {"prompt": "What is 9-4?", "completion": "6", "reward": 0.0, "correct": False,
+         "reference": "5", "prediction": "6", "group": 1, "section": "evaluation set ood"},
+    ]
+    page = completions_html(rows)
+    assert re.findall(r"<h2>([^<]+)</h2>", page) == ["evaluation set test", "evaluation set ood"]
+    facts = re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td></tr>", page)
+    assert facts == [("reference", "5"), ("prediction", "5"), ("advantage (outcome)", "0.7071"),
+                     ("advantage (process)", "-0.2500"), ("reference", "5"),
+                     ("prediction", "6")]
+    assert "#0 group 0 reward = 1.0000" in page and "#1 group 1 reward = 0.0000" in page
+    assert re.findall(r'<span class="g">([^<]+)</span>', page) == \
+        ["l=-0.5000 h=-0.5000 g=0.2500"]
+    assert page.count('<div class="legend">') == 1
+    assert "What is 2+3?" in "".join(_parse(page).text)

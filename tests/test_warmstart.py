@@ -1,6 +1,8 @@
 """Tests for the supervised warm start's data: the careless teacher's share of demonstrations and
 length-grouped batches (every row once, each batch wide enough, the loss unchanged by the
-trimmed padding)."""
+trimmed padding); and a partial saved warm start replaced."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +51,9 @@ def test_length_grouped_batches_cover_every_row_once_and_fit():
 
 def test_trimmed_padding_leaves_the_step_unchanged():
     graphdef, params = random_params(PRESETS["tiny"])
-    # SGD, not Adam: some gradients are zero in exact arithmetic (a key bias shifts every score
-    # of a query alike), and Adam would blow their float noise up to full-size steps
-    opt = optax.sgd(1e-1)
+    # Plain SGD at lr 1: the update is the gradient itself (Adam's first step, g / (|g| + eps),
+    # would blow float rounding in near-zero gradients up to a full step of lr).
+    opt = optax.sgd(1.0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, PRESETS["tiny"].vocab_size, size=(4, 64)).astype(np.int32)
     lengths = np.array([20, 31, 17, 26])
@@ -65,3 +67,30 @@ def test_trimmed_padding_leaves_the_step_unchanged():
     np.testing.assert_allclose(m_full["sft/loss"], m_trim["sft/loss"], rtol=1e-5)
     for k in params:
         np.testing.assert_allclose(full.params[k], trim.params[k], atol=1e-6, err_msg=k)
+
+
+def test_a_partial_warm_start_folder_is_replaced(tmp_path, caplog, compile_cache):
+    """A sft_model folder without config.json (and a leftover sft_model.tmp) is trained again
+    and replaced, saying so, rather than failing to rename over it."""
+    import helpers
+
+    from migjax import experiment as ex
+    from migjax.warmstart import is_complete, run_warmstart
+
+    out = tmp_path / "sft_model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "sft_model.tmp").mkdir()
+    (tmp_path / "sft_model.tmp" / "junk").write_text("x")
+    assert not is_complete(str(out))
+    c = helpers.make_config("arith_tiny", helpers.shrink("arith_tiny", warmstart__steps=2))
+    with caplog.at_level("WARNING", logger="migjax.warmstart"):
+        got = run_warmstart(c, str(tmp_path), ex.build_tokenizer(c, str(tmp_path)),
+                            ex.build_mesh(c))
+    assert got == str(out) and is_complete(got)
+    assert f"{out} is incomplete" in caplog.text
+    assert not (tmp_path / "sft_model.tmp").exists()
+    mtime = os.path.getmtime(out / "config.json")
+    caplog.clear()
+    assert run_warmstart(c, str(tmp_path), None, None) == got  # complete now: reused as is
+    assert os.path.getmtime(out / "config.json") == mtime and "incomplete" not in caplog.text

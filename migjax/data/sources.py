@@ -227,16 +227,29 @@ def _mawps(obj: dict, stem: str, line: int) -> _Record:
     return f"mawps:{obj.get('idx', line)}", q, answers
 
 
-def _generic(question_field: str, answer_field: str, id_field: str | None):
+def _generic(question_field: str, answer_field: str, id_field: str | None,
+             solution_field: str | None = None, variants_field: str | None = None):
     def convert(obj: dict, stem: str, line: int) -> _Record:
         q = _question(obj, question_field)
-        v = _present(obj, answer_field)
-        if isinstance(v, str):
-            markers = ("####", "\\boxed", "<answer>")
-            text = _final_value(v, answer_field) if any(m in v for m in markers) else v
-            answers = answer_variants(text)
+        if solution_field and obj.get(answer_field) in (None, ""):
+            answers = answer_variants(_final_value(str(_present(obj, solution_field)),
+                                                   solution_field))
         else:
-            answers = _number_answers(v, answer_field)
+            v = _present(obj, answer_field)
+            if isinstance(v, str):
+                markers = ("####", "\\boxed", "<answer>")
+                text = _final_value(v, answer_field) if any(m in v for m in markers) else v
+                answers = answer_variants(text)
+            else:
+                answers = _number_answers(v, answer_field)
+        if variants_field and obj.get(variants_field) not in (None, "", []):
+            extra = obj[variants_field]
+            extra = extra if isinstance(extra, list) else [extra]
+            if not all(isinstance(x, str | int | float) for x in extra):
+                raise _Skip("bad_variants", variants_field,
+                            f"answer variants field {variants_field!r} is not a list of strings")
+            answers += tuple(dict.fromkeys(s for x in extra if (s := str(x).strip())
+                                           and s not in answers))
         rid = obj.get(id_field) if id_field else None
         return str(rid if rid is not None else f"{stem}:{line}"), q, answers
 
@@ -255,13 +268,18 @@ def load_examples(
     question_field: str = "question",
     answer_field: str = "answer",
     id_field: str | None = None,
+    solution_field: str | None = None,
+    variants_field: str | None = None,
     subset: str | None = None,
 ) -> tuple[list[Example], LoadStats]:
     """Loads up to `limit` examples of dataset `kind` from `path`.
 
     Bad records are skipped with a warning naming file:line and counted in the stats; with
-    `strict=True` the first one raises DataError. `question_field`/`answer_field`/`id_field`
-    apply to `kind="jsonl"`; `subset="asdiv-a"` picks ASDiv's fold-file subset (XML only).
+    `strict=True` the first one raises DataError. `question_field`, `answer_field`, `id_field`,
+    `solution_field` (a worked solution whose final value is the answer when `answer_field` is
+    missing or empty) and `variants_field` (a list of equivalent reference strings added to
+    the answer) apply to `kind="jsonl"`; `subset="asdiv-a"` picks ASDiv's fold-file subset (XML
+    only).
     `kind="asdiv"` reads `ASDiv.xml` or the JSONL form (fields body/question/answer).
     """
     if kind not in KINDS:
@@ -289,7 +307,8 @@ def load_examples(
         "svamp": _svamp,
         "asdiv": _asdiv,
         "mawps": _mawps,
-        "jsonl": _generic(question_field, answer_field, id_field),
+        "jsonl": _generic(question_field, answer_field, id_field, solution_field,
+                          variants_field),
     }[kind]
     if kind == "svamp":
         records: Iterable[tuple[int, Any]] = _json_array(path)

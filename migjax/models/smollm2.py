@@ -64,3 +64,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+convert = convert_smollm2
+check_installed = gguf_path  # raises naming the package when it is missing

@@ -12,6 +12,7 @@ import numpy as np
 
 from migjax.models import merge
 from migjax.rewards import mig
+from migjax.rewards.custom import CustomRewards
 from migjax.rewards.segment import Segmentation, segment_completions
 from migjax.rewards.verify import Verifier, outcome_rewards
 from migjax.types import Rollout, TrainBatch
@@ -45,11 +46,12 @@ class RewardStage:
     `completion_prefix` is the text the prompt ends with and every completion continues
     (`task.completion_prefix`, e.g. "<think>\n"): verification, the format reward and step
     segmentation read it as the start of each completion, so a forced opening tag still counts.
+    `custom` (`reward.custom`) adds the user's reward functions to the outcome reward.
     """
 
     def __init__(self, tokenizer, token_strings: list[str], *, probe: str, rules: MigRules,
                  verifier: Verifier, format_kw: dict | None = None,
-                 completion_prefix: str = ""):
+                 completion_prefix: str = "", custom: CustomRewards | None = None):
         self.tokenizer = tokenizer
         self.token_strings = token_strings
         self.probe_Q = jnp.asarray(tokenizer.encode(probe, add_special_tokens=False), jnp.int32)
@@ -59,11 +61,24 @@ class RewardStage:
         self.verifier = verifier
         self.format_kw = {"delimiter": rules.delimiter, **(format_kw or {})}
         self.prefix = completion_prefix
+        self.custom = custom
 
     def texts(self, tokens_NxC, mask_NxC) -> list[str]:
         """Each completion as text, the forced prefix included."""
         return [self.prefix + self.tokenizer.decode(t[m], skip_special_tokens=True)
                 for t, m in zip(np.asarray(tokens_NxC), np.asarray(mask_NxC, bool), strict=True)]
+
+    def custom_rewards(self, rollout: Rollout, texts, refs_N, preds, r_correct_N):
+        """r_custom_N of the user's functions (None without any), TRL-style columns."""
+        if self.custom is None:
+            return None
+        prompts = [self.tokenizer.decode(t[m], skip_special_tokens=True) for t, m in
+                   zip(np.asarray(rollout.prompt_NxP), np.asarray(rollout.prompt_mask_NxP, bool),
+                       strict=True)]
+        return jnp.asarray(self.custom(
+            prompts, texts, answer=[r[0] if r else "" for r in refs_N],
+            references=[list(r) for r in refs_N], prediction=list(preds),
+            correct=[float(x) for x in r_correct_N]))
 
     def segment(self, rollout: Rollout) -> Segmentation:
         return segment_completions(np.asarray(rollout.tokens_NxC), np.asarray(rollout.mask_NxC),
@@ -96,5 +111,7 @@ class RewardStage:
             cot_mask_NxC=jnp.asarray(seg.cot_mask_NxC), step_id_NxC=jnp.asarray(seg.step_id_NxC),
             sampler_logp_NxC=rollout.sampler_logp_NxC, l_NxK1=l_NxK1,
             step_mask_NxK=jnp.asarray(seg.step_mask_NxK), num_steps_N=jnp.asarray(seg.num_steps_N),
-            r_correct_N=jnp.asarray(r_correct), r_format_N=jnp.asarray(r_format))
+            r_correct_N=jnp.asarray(r_correct), r_format_N=jnp.asarray(r_format),
+            r_custom_N=self.custom_rewards(rollout, texts, refs_N, preds, r_correct),
+            truncated_N=jnp.asarray(rollout.truncated_N))
         return batch, dict(texts=texts, preds=preds, seg=seg, refs=refs_N)
