@@ -22,6 +22,7 @@ from migjax.models.vision import (
     save_vision,
     vision_hf_names,
     vision_layout,
+    vision_params_from_tensors,
     vision_tensors,
 )
 
@@ -162,6 +163,11 @@ def test_writer_round_trip_reloads_in_transformers(vl, tmp_path):
     for k, v in back.items():
         assert v.shape == hf[k].shape and v.dtype == hf[k].dtype
         np.testing.assert_array_equal(v, hf[k])
+    # the reader also takes the "model.visual." spelling
+    named = vision_tensors(tower, cfg, prefix="model.visual.")
+    again = vision_params_from_tensors(named.__getitem__, cfg, set(named))
+    for k, v in split(tower)[1].items():
+        np.testing.assert_array_equal(again[k], np.asarray(v))
     # changed weights written next to the language model's load in transformers with the same
     # features as ours
     graphdef, params = split(tower)
