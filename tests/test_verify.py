@@ -299,3 +299,15 @@ def test_fuzz_verify_never_raises(verifier, pred, refs):
     assert out is True or out is False
     if pred is not None and pred.strip() and pred in refs:
         assert out is True
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("no", "no", True), ("No", "no", True), ("NO.", "no", True), ("on", "no", False),
+    ("sey", "yes", False), ("gary", "gray", False), ("Red", "red", True), ("RED", "red", True),
+    ("large cube", "large cube", True), ("cube large", "large cube", False),
+    ("e", "e", True), ("3", "3", True),
+])
+def test_word_answers_compare_as_words(pred, ref, ok):
+    """Words are not products of symbols: an anagram of the reference is wrong, case is not."""
+    with Verifier(timeout_s=2.0) as v:
+        assert v.verify(pred, [ref]) is ok

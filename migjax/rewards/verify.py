@@ -199,6 +199,11 @@ class Verifier:
                 return False
         if len(pred) > _MAX_SLOW_CHARS or not refs:
             return False
+        if all(_WORDS.fullmatch(r.strip()) for r in refs):
+            # word answers (yes/no, colours, choices): math_verify would read "on" as the
+            # product o*n and accept it for "no"; words compare as words, ignoring case
+            words = lambda s: " ".join(s.strip().rstrip(".").lower().split())
+            return any(words(pred) == words(r) for r in refs)
         return self._slow(pred, refs)
 
     def verify_batch(
@@ -219,6 +224,9 @@ class Verifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
 def format_reward(
