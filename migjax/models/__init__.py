@@ -1,4 +1,5 @@
-"""Models: the NNX decoder, its KV cache, teacher-forced scoring and Hugging Face checkpoint I/O.
+"""Models: the NNX decoder, its KV cache, teacher-forced scoring and Hugging Face checkpoint I/O
+(plus Qwen2.5-VL: the vision tower and the M-RoPE decoder, `Qwen25VL`).
 
 The jitted stages work on a flat dict of parameter arrays (`params`); `split` and `merge` move
 between that dict and the NNX module.
@@ -30,8 +31,9 @@ def merge(graphdef: nnx.GraphDef, params: dict[str, jax.Array]) -> Transformer:
 
 
 from migjax.models.loading import load_pretrained, save_pretrained  # noqa: E402
+from migjax.models.qwen25vl import Qwen25VL, VLConfig  # noqa: E402
 
 __all__ = [
-    "PARAM_AXES", "PRESETS", "KVCache", "ModelConfig", "Transformer", "init_model",
-    "load_pretrained", "merge", "save_pretrained", "split",
+    "PARAM_AXES", "PRESETS", "KVCache", "ModelConfig", "Qwen25VL", "Transformer", "VLConfig",
+    "init_model", "load_pretrained", "merge", "save_pretrained", "split",
 ]

@@ -14,6 +14,9 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", False, True),
     "llama": ("LlamaForCausalLM", False, False),
     "gemma3_text": ("Gemma3ForCausalLM", False, True),
+    # the language model of Qwen2.5-VL (`text_config`); the whole model loads through
+    # `migjax.models.qwen25vl`
+    "qwen2_5_vl_text": ("Qwen2_5_VLForConditionalGeneration", True, False),
 }
 GEMMA = "gemma3_text"
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -50,6 +53,10 @@ class ModelConfig:
     sliding_window: int | None = None
     rope_local_theta: float = 10000.0
     query_pre_attn_scalar: float | None = None  # attention scale q.k / sqrt(this); None: head_dim
+    # Qwen2.5-VL's M-RoPE: the head_dim/2 rope frequencies split into sections that take their
+    # angles from the (time, height, width) position rows in turn (positions [3, N, T]; with
+    # [N, T] positions, or three equal rows, it is the ordinary rope)
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -63,6 +70,9 @@ class ModelConfig:
                                  f"for each of the {self.num_layers} layers")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("sliding_attention layers need a sliding_window >= 1")
+        if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must sum to head_dim / 2 "
+                             f"= {self.head_dim // 2}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -110,6 +120,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict, **overrides) -> ModelConfig:
         """Builds a config from a parsed `config.json` (transformers 4 or 5 layout)."""
         model_type = hf.get("model_type")
+        if model_type == "qwen2_5_vl":
+            raise ValueError("model_type='qwen2_5_vl' is a vision-language model: load it with "
+                             "migjax.models.load_pretrained (migjax.models.qwen25vl)")
         if model_type not in ARCHITECTURES:
             archs = hf.get("architectures")
             raise ValueError(
@@ -117,6 +130,9 @@ class ModelConfig:
                 f"migjax supports model_type in {sorted(ARCHITECTURES)}"
             )
         _, bias, qk_norm = ARCHITECTURES[model_type]
+        if model_type == "qwen2_5_vl_text":
+            hf, mrope = _split_mrope(hf)
+            overrides = {"mrope_section": mrope, **overrides}
         # transformers 5 moves rope_theta / rope_scaling into `rope_parameters` (for Gemma 3, one
         # dict per layer type).
         rope = dict(hf.get("rope_parameters") or {})
@@ -260,6 +276,21 @@ class ModelConfig:
         if e is None:
             return ()
         return tuple(e) if isinstance(e, tuple) else (e,)
+
+
+def _split_mrope(hf: dict) -> tuple[dict, tuple[int, ...] | None]:
+    """(hf without mrope_section, the section): Qwen2.5-VL keeps it in rope_parameters
+    (transformers 5) or in rope_scaling with type "mrope" (the original layout)."""
+    hf, section = dict(hf), None
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key):
+            d = dict(hf[key])
+            section = d.pop("mrope_section", section)
+            if d.get("rope_type", d.get("type")) == "mrope":
+                d.pop("type", None)
+                d["rope_type"] = "default"
+            hf[key] = d
+    return hf, tuple(int(s) for s in section) if section else None
 
 
 def _int_if_whole(x):

@@ -28,6 +28,7 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_SHARD_BYTES = 2 * 1024**3  # shard size above which save writes several files
 # Buffers some exporters store that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+LM_PREFIX = "model.language_model."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,14 +161,25 @@ class _Checkpoint:
             self.files = [SINGLE_FILE]
             self.where = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
         else:
-            pickles = [f for f in PICKLE_FILES if os.path.isfile(os.path.join(path, f))]
-            if pickles:
-                raise FileNotFoundError(
-                    f"{path}: only pickle weights ({', '.join(pickles)}) found; migjax loads "
-                    f"safetensors only ({SINGLE_FILE} or {INDEX_FILE}), never pickle files. "
-                    f"Convert the checkpoint to safetensors first."
-                )
-            raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+            self._no_weights(path)
+        # Qwen2.5-VL's language model as transformers 5 names it in memory
+        # (model.language_model.layers.*): read under the decoder's names (model.layers.*)
+        self.names = {k: k for k in self.where}
+        for k in list(self.where):
+            if k.startswith(LM_PREFIX):
+                self.names["model." + k[len(LM_PREFIX):]] = k
+                self.where["model." + k[len(LM_PREFIX):]] = self.where.pop(k)
+
+    @staticmethod
+    def _no_weights(path: str):
+        pickles = [f for f in PICKLE_FILES if os.path.isfile(os.path.join(path, f))]
+        if pickles:
+            raise FileNotFoundError(
+                f"{path}: only pickle weights ({', '.join(pickles)}) found; migjax loads "
+                f"safetensors only ({SINGLE_FILE} or {INDEX_FILE}), never pickle files. "
+                f"Convert the checkpoint to safetensors first."
+            )
+        raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
     def _handle(self, file: str, framework: str = "numpy"):
         key = (file, framework)
@@ -186,22 +198,24 @@ class _Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         self.file_of(name)
-        return tuple(self._handle(self.where[name]).get_slice(name).get_shape())
+        return tuple(self._handle(self.where[name]).get_slice(self.names[name]).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         file = self.where[name]
-        sl = self._handle(file).get_slice(name)
+        sl = self._handle(file).get_slice(self.names[name])
         try:
             return sl[index]
         except Exception:
             if sl.get_dtype() != "BF16":
                 raise
             # safetensors versions whose numpy reader has no bfloat16: read through jax.
-            return np.asarray(self._handle(file, "flax").get_slice(name)[index])
+            return np.asarray(self._handle(file, "flax").get_slice(self.names[name])[index])
 
 
-def _check_tensors(ckpt: _Checkpoint, cfg: ModelConfig, maps: list[TensorMap]) -> None:
-    """Every expected tensor exists with the expected shape, and nothing unexpected is left."""
+def _check_tensors(ckpt: _Checkpoint, cfg: ModelConfig, maps: list[TensorMap],
+                   others: tuple[str, ...] = ()) -> None:
+    """Every expected tensor exists with the expected shape, and nothing unexpected is left
+    (tensors whose names start with one of `others` belong to another part of the model)."""
     sizes, expected = _sizes(cfg), hf_tensor_names(cfg)
     by_name = {tm.ours: tm for tm in maps}
     for name, (ours, _) in expected.items():
@@ -211,7 +225,7 @@ def _check_tensors(ckpt: _Checkpoint, cfg: ModelConfig, maps: list[TensorMap]) -
                              f"from config.json, found {found}")
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     extra = sorted(n for n in ckpt.where if n not in expected and n not in ignored
-                   and not n.endswith(IGNORED_SUFFIXES))
+                   and not n.endswith(IGNORED_SUFFIXES) and not n.startswith(others or ("\0",)))
     if extra:
         raise ValueError(
             f"{ckpt.searched()}: tensors the {cfg.model_type} decoder has no place for "
@@ -249,9 +263,27 @@ def load_pretrained(path: str, *, dtype: str | None = None, mesh: jax.sharding.M
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: model directory does not exist")
+    if _model_type(path) == "qwen2_5_vl":
+        from migjax.models import qwen25vl
+        return qwen25vl.load(path, dtype=dtype, mesh=mesh, rules=rules)
     overrides = {} if dtype is None else dict(param_dtype=str(jnp.dtype(dtype)),
                                                dtype=str(jnp.dtype(dtype)))
-    cfg = ModelConfig.from_dir(path, **overrides)
+    return load_decoder(path, ModelConfig.from_dir(path, **overrides), mesh=mesh, rules=rules)
+
+
+def _model_type(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            hf = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None  # ModelConfig.from_dir names the problem
+    return hf.get("model_type") if isinstance(hf, dict) else None
+
+
+def load_decoder(path: str, cfg: ModelConfig, *, mesh=None, rules=None,
+                 others: tuple[str, ...] = ()) -> tuple[Transformer, ModelConfig]:
+    """The decoder of `cfg` from the safetensors files of `path` (see `load_pretrained`);
+    tensors whose names start with one of `others` are left alone."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
@@ -266,7 +298,7 @@ def load_pretrained(path: str, *, dtype: str | None = None, mesh: jax.sharding.M
     sizes = _sizes(cfg)
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(path, stack)
-        _check_tensors(ckpt, cfg, list(maps.values()))
+        _check_tensors(ckpt, cfg, list(maps.values()), others)
         arrays = {k: _fill(ckpt, maps[k], sizes, v.shape, shardings[k], v.dtype)
                   for k, v in shapes.items()}
     nnx.replace_by_pure_dict(state, arrays)
@@ -285,10 +317,13 @@ def _plan_shards(entries: list[tuple[str, int]], max_bytes: int) -> list[list[st
 
 
 def save_params(params: dict, config: ModelConfig, path: str, *, tokenizer=None,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+                max_shard_bytes: int = MAX_SHARD_BYTES, extra: dict | None = None,
+                hf_config: dict | None = None) -> str:
     """Writes a flat {name: array} parameter dict as a transformers model directory:
     config.json, safetensors in `config.param_dtype` (several files plus an index above
-    `max_shard_bytes`), and the tokenizer's files when given. Returns `path`."""
+    `max_shard_bytes`), and the tokenizer's files when given. `extra`: more tensors, already
+    in HF names and layout (e.g. a vision tower's); `hf_config`: the config.json to write instead
+    of `config.to_hf()`. Returns `path`."""
     path = os.fspath(path)
     maps = name_map(config)
     if {tm.ours for tm in maps} != set(params):
@@ -306,6 +341,8 @@ def save_params(params: dict, config: ModelConfig, path: str, *, tokenizer=None,
                              f"the config needs {want}")
     entries = [(name, math.prod(hf_shape(by_name[ours], sizes)) * dtype.itemsize)
                for name, (ours, _) in names.items()]
+    extra = extra or {}
+    entries += [(name, x.nbytes) for name, x in extra.items()]
     shards = _plan_shards(entries, max_shard_bytes)
     os.makedirs(path, exist_ok=True)
     stale = glob.glob(os.path.join(path, "model-*-of-*.safetensors"))
@@ -318,6 +355,10 @@ def save_params(params: dict, config: ModelConfig, path: str, *, tokenizer=None,
             f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name in shard:
+            if name in extra:
+                tensors[name] = extra[name]
+                weight_map[name] = file
+                continue
             ours, layer = names[name]
             x = params[ours] if layer is None else params[ours][layer]
             x = np.asarray(jax.device_get(x)).astype(dtype)
@@ -329,7 +370,8 @@ def save_params(params: dict, config: ModelConfig, path: str, *, tokenizer=None,
         with open(os.path.join(path, INDEX_FILE), "w") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)
     with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(config.to_hf(), fh, indent=2, sort_keys=True)
+        json.dump(config.to_hf() if hf_config is None else hf_config, fh, indent=2,
+                  sort_keys=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -337,7 +379,10 @@ def save_params(params: dict, config: ModelConfig, path: str, *, tokenizer=None,
 
 def save_pretrained(model: Transformer, config: ModelConfig, path: str, *, tokenizer=None,
                     max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
-    """`save_params` for an NNX decoder module."""
+    """`save_params` for an NNX decoder module (or a `qwen25vl.Qwen25VL` and its config)."""
+    if not isinstance(model, Transformer):
+        from migjax.models import qwen25vl
+        return qwen25vl.save(model, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     _, state = nnx.split(model, nnx.Param)
     return save_params(nnx.to_pure_dict(state), config, path, tokenizer=tokenizer,
                        max_shard_bytes=max_shard_bytes)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from migjax.models.config import ModelConfig
@@ -89,8 +90,19 @@ def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
     return inv
 
 
-def apply_rope(x_NxTxHxD: jax.Array, pos_NxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    ang = pos_NxT[..., None].astype(jnp.float32) * inv_freq  # [N, T, D/2]
+def apply_rope(x_NxTxHxD: jax.Array, pos_NxT: jax.Array, inv_freq: jax.Array,
+               mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+    """Rotary embedding. pos: [N, T], or [3, N, T] (time, height, width) with `mrope_section`:
+    frequency section i takes its angles from position row i % 3 (Qwen2.5-VL's M-RoPE)."""
+    if pos_NxT.ndim == 3:
+        if mrope_section is None:
+            raise ValueError(f"positions {tuple(pos_NxT.shape)}: [3, N, T] positions need a "
+                             "config with mrope_section")
+        rows_K = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+        pos_NxTxK = jnp.moveaxis(pos_NxT, 0, -1)[..., rows_K]
+        ang = pos_NxTxK.astype(jnp.float32) * inv_freq  # [N, T, D/2]
+    else:
+        ang = pos_NxT[..., None].astype(jnp.float32) * inv_freq  # [N, T, D/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
     x = x_NxTxHxD.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -191,7 +203,8 @@ class Transformer(nnx.Module):
         if cfg.qk_norm:
             q = self._norm(q, p["q_norm"])
             k = self._norm(k, p["k_norm"])
-        q, k = apply_rope(q, pos_NxT, inv_freq), apply_rope(k, pos_NxT, inv_freq)
+        sec = cfg.mrope_section
+        q, k = apply_rope(q, pos_NxT, inv_freq, sec), apply_rope(k, pos_NxT, inv_freq, sec)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [N, KVH, T, Dh]
         new_kv = None
         if cache is not None:
@@ -229,8 +242,13 @@ class Transformer(nnx.Module):
         return jnp.asarray(cfg.sliding_layers), pick
 
     # ------------------------------------------------------------------ API
-    def hidden(self, tokens_NxT, pos_NxT, mask_NxTxS, cache: KVCache | None = None):
+    def hidden(self, tokens_NxT, pos_NxT, mask_NxTxS, cache: KVCache | None = None, *,
+               embeds_NxTxD=None):
         """Final-norm hidden states [N, T, D] and the updated cache (None without a cache).
+
+        pos_NxT: [N, T] positions, or [3, N, T] M-RoPE positions for a config with
+        `mrope_section`. embeds_NxTxD: input embeddings to use instead of the token embeddings
+        (e.g. with image features in place; Gemma's sqrt(D) scale still applies).
 
         Without a cache, `mask_NxTxS` is the full query-key mask over the T tokens. With a cache,
         the T tokens are written at slots `cache.index ..` and `mask_NxTxS` (T x S) must cover
@@ -240,7 +258,8 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        x = self.embed[...].astype(dt)[tokens_NxT]
+        x = self.embed[...].astype(dt)[tokens_NxT] if embeds_NxTxD is None else \
+            embeds_NxTxD.astype(dt)
         if cfg.is_gemma:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
         if cache is None:
