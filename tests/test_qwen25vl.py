@@ -214,3 +214,29 @@ def test_writer_round_trip_reloads_in_transformers(vl, tmp_path):
     np.testing.assert_allclose(
         np.asarray(again(jnp.asarray(tokens), pixel_values=jnp.asarray(x), image_grid_thw=GRID)),
         got, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_decoding_with_rope_deltas_matches_transformers(vl):
+    """Prefill with the image features and M-RoPE positions, then decode with the ordinary
+    [N, T] positions shifted by rope_deltas: the logits of a full forward in transformers."""
+    from migjax.models.transformer import KVCache, cache_mask
+    ref, model, cfg, _ = vl
+    a, b = prompt(GRID[:2], seed=10), prompt(GRID[2:], seed=11)
+    t = max(len(a), len(b))
+    tokens = np.array([[0] * (t - len(a)) + a, [0] * (t - len(b)) + b])
+    mask = (np.arange(t)[None] >= np.array([[t - len(a)], [t - len(b)]]))
+    x = pixels(GRID, seed=12)
+    new = np.array([text(3, 13), text(3, 14)])
+    h, cache, deltas = model.prefill(tokens, mask, KVCache.empty(cfg.text, 2, t + 3),
+                                     pixel_values=x, image_grid_thw=GRID)
+    got = [np.asarray(model.lm.logits(h))[:, -1]]
+    lengths = mask.sum(axis=1)
+    for j in range(2):
+        cache, m = cache_mask(cache, jnp.ones((2, 1), bool))
+        pos = jnp.asarray((lengths + j + deltas)[:, None])
+        h, cache = model.lm.hidden(jnp.asarray(new[:, j:j + 1]), pos, m, cache)
+        got.append(np.asarray(model.lm.logits(h))[:, -1])
+    full = np.concatenate([tokens, new[:, :2]], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, 2), bool)], axis=1).astype(np.int64)
+    want = hf_logits(ref, full, full_mask, x, GRID)[:, t - 1:]
+    np.testing.assert_allclose(np.stack(got, axis=1), want, atol=1e-4, rtol=0)

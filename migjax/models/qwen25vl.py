@@ -28,7 +28,7 @@ from flax import nnx
 
 from migjax.models.config import ModelConfig
 from migjax.models.loading import load_decoder, save_params
-from migjax.models.transformer import Transformer, causal_inputs
+from migjax.models.transformer import Transformer, cache_mask, causal_inputs
 from migjax.models.vision import (
     PREFIXES,
     VisionConfig,
@@ -226,6 +226,24 @@ class Qwen25VL(nnx.Module):
         pos, mask = causal_inputs(tokens_NxT, attention_mask, positions_3xNxT)
         h, _ = self.lm.hidden(tokens_NxT, pos, mask, embeds_NxTxD=x)
         return self.lm.logits(h)
+
+    def prefill(self, tokens_NxT, attention_mask, cache, *, pixel_values=None,
+                image_grid_thw=None):
+        """(final-norm hidden [N, T, D], cache, rope_deltas [N]) of a prompt written into the
+        KV cache at its next slots (see `Transformer.hidden`). Decoding step j (0-based) after
+        it then runs `lm.hidden` with the ordinary [N, 1] positions
+        real_prompt_length + j + rope_deltas (all three M-RoPE rows are equal there)."""
+        valid = np.ones(np.shape(tokens_NxT), bool) if attention_mask is None else \
+            np.asarray(attention_mask) > 0
+        inp = self.inputs(tokens_NxT, image_grid_thw if pixel_values is not None else None,
+                          valid)
+        tokens = jnp.asarray(tokens_NxT)
+        x = self.embed(tokens, None if pixel_values is None else jnp.asarray(pixel_values),
+                       jnp.asarray(inp.image_index_M), inp.layout)
+        cache, mask = cache_mask(cache, jnp.asarray(valid))
+        h, cache = self.lm.hidden(tokens, jnp.asarray(inp.positions_3xNxT), mask, cache,
+                                  embeds_NxTxD=x)
+        return h, cache, inp.rope_deltas_N
 
     def __call__(self, tokens_NxT, attention_mask=None, *, pixel_values=None,
                  image_grid_thw=None):
