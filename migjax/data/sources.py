@@ -256,6 +256,23 @@ def _generic(question_field: str, answer_field: str, id_field: str | None,
     return convert
 
 
+def _skipper(path: str, strict: bool, stats: LoadStats) -> Callable[[int, _Skip], None]:
+    """What to do with a bad record of `path`: raise DataError naming file:line (strict), or
+    warn, skip and count it in `stats`."""
+
+    def skip(line: int, bad: _Skip) -> None:
+        where = f"{path}:{line}"
+        field = f" (field {bad.field!r})" if bad.field else ""
+        if strict:
+            raise DataError(f"{where}: {bad.detail}{field}")
+        log.warning("%s: skipped record: %s%s", where, bad.detail, field)
+        stats.read += 1
+        stats.skipped += 1
+        stats.reasons[bad.reason] = stats.reasons.get(bad.reason, 0) + 1
+
+    return skip
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -290,17 +307,7 @@ def load_examples(
         raise ValueError(f"subset={subset!r} applies only to kind='asdiv' with an XML file")
     stats = LoadStats()
     stem = os.path.splitext(os.path.basename(path))[0]
-
-    def skip(line: int, bad: _Skip) -> None:
-        where = f"{path}:{line}"
-        field = f" (field {bad.field!r})" if bad.field else ""
-        if strict:
-            raise DataError(f"{where}: {bad.detail}{field}")
-        log.warning("%s: skipped record: %s%s", where, bad.detail, field)
-        stats.read += 1
-        stats.skipped += 1
-        stats.reasons[bad.reason] = stats.reasons.get(bad.reason, 0) + 1
-
+    skip = _skipper(path, strict, stats)
     convert = {
         "gsm8k": _gsm8k,
         "math": _math,

@@ -9,10 +9,18 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from migjax.data.sources import DataError, LoadStats, _jsonl, _number_answers, _read_text, _Skip
+from migjax.data.sources import (
+    DataError,
+    LoadStats,
+    _jsonl,
+    _number_answers,
+    _read_text,
+    _Skip,
+    _skipper,
+)
 from migjax.rewards.answers import answer_variants, extract_answer
 
 log = logging.getLogger(__name__)
@@ -205,20 +213,6 @@ def _counting_record(obj: dict, stem: str, line: int, root: str, images: _ImageC
 
 
 # ----------------------------------------------------------------------------- public API
-
-
-def _skipper(path: str, strict: bool, stats: LoadStats) -> Callable[[int, _Skip], None]:
-    def skip(line: int, bad: _Skip) -> None:
-        where = f"{path}:{line}"
-        field = f" (field {bad.field!r})" if bad.field else ""
-        if strict:
-            raise DataError(f"{where}: {bad.detail}{field}")
-        log.warning("%s: skipped record: %s%s", where, bad.detail, field)
-        stats.read += 1
-        stats.skipped += 1
-        stats.reasons[bad.reason] = stats.reasons.get(bad.reason, 0) + 1
-
-    return skip
 
 
 def load_clevr_questions(
