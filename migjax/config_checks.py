@@ -4,7 +4,8 @@ from __future__ import annotations
 
 CHOICES = {
     "mode": ("rl", "sft"),
-    "task.kind": ("arith", "gsm8k", "math", "svamp", "asdiv", "mawps", "jsonl"),
+    "task.kind": ("arith", "gsm8k", "math", "svamp", "asdiv", "mawps", "jsonl", "scenes",
+                  "clevr", "super_clevr", "counting_jsonl"),
     "task.overlong": ("skip", "truncate"),
     "mig.step_delimiter": ("step", "newline", "blank_line"),
     "mig.scorer": ("policy", "reference"),
@@ -18,6 +19,11 @@ CHOICES = {
     "loss.kl_estimator": ("k1", "k2", "k3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
+
+
+EMBEDDED_KINDS = ("arith", "scenes")  # generated here: no data file, a tokenizer of their own
+VISUAL_KINDS = ("scenes", "clevr", "super_clevr", "counting_jsonl")  # prompts with an image
+DEMO_KINDS = ("arith", "gsm8k", "math", "scenes")  # records with demonstrations (warm start)
 
 
 # Settings renamed since earlier versions: old dotted key -> what to write instead.
@@ -76,10 +82,10 @@ def validate(c, device_count: int | None = None) -> None:
     warm = c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0)
     if c.mode == "sft" and c.warmstart.steps < 1:
         raise ValueError("mode='sft' runs the warm start alone and needs warmstart.steps >= 1")
-    if warm and c.task.kind not in ("arith", "gsm8k", "math"):
+    if warm and c.task.kind not in DEMO_KINDS:
         raise ValueError(f"the warm start (warmstart.steps={c.warmstart.steps}) trains on "
                          f"demonstrations, which task.kind={c.task.kind!r} has none of; use "
-                         "arith, gsm8k or math, or set warmstart.steps=0")
+                         f"one of {DEMO_KINDS}, or set warmstart.steps=0")
     if c.warmstart.checkpoint_every < 0:
         raise ValueError(f"warmstart.checkpoint_every={c.warmstart.checkpoint_every} must be "
                          ">= 0")
@@ -89,10 +95,13 @@ def validate(c, device_count: int | None = None) -> None:
                          ">= 0")
     if c.rl.group_size < 2 and c.mode == "rl":
         raise ValueError(f"rl.group_size={c.rl.group_size}: group-relative advantages need >= 2")
-    if c.task.kind != "arith" and not c.task.train_path:
+    if c.task.kind not in EMBEDDED_KINDS and not c.task.train_path:
         raise ValueError(f"task.train_path is required for task.kind={c.task.kind!r}")
-    if c.task.kind != "arith" and not (c.model.path or c.model.preset):
+    if c.task.kind not in EMBEDDED_KINDS and not (c.model.path or c.model.preset):
         raise ValueError(f"task.kind={c.task.kind!r} needs model.path (or model.preset)")
+    if c.task.kind in VISUAL_KINDS and c.model.preset:
+        raise ValueError(f"task.kind={c.task.kind!r} needs a Qwen2.5-VL model: model.path, or "
+                         "the scratch shape (model.preset must be empty)")
     if len(c.reward.custom) != len(c.reward.custom_weights):
         raise ValueError(f"reward.custom has {len(c.reward.custom)} functions but "
                          f"reward.custom_weights has {len(c.reward.custom_weights)} weights")

@@ -16,7 +16,7 @@ from migjax.rollout import SamplingRules, sample
 
 def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verifier, *,
              rules: SamplingRules, batch_size: int, k: int, key, put=jnp.asarray,
-             fetch=np.asarray, max_examples: int | None = None):
+             fetch=np.asarray, max_examples: int | None = None, images=None):
     """{"pass_at_1": greedy accuracy, "pass_at_k": any of k samples correct, "mean_at_k": the fraction
     of the k samples that are correct (the sampling policy's own accuracy), each with its
     standard error `<key>_se`, and "n": the problems} and example rows.
@@ -24,6 +24,7 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
     Batches have a fixed size (the last is padded by wrapping around) so nothing recompiles.
     `put` places a host batch (the same numpy array on every process) on the devices and
     `fetch` brings a sampled array back whole (across processes, in a multi-process run).
+    `images(idx)` gives the image features of rows `idx` of an image task (None: text).
     """
     n = min(len(data), max_examples or len(data))
     greedy = dataclasses.replace(rules, greedy=True)
@@ -32,13 +33,14 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
         idx = np.arange(start, start + batch_size) % n
         toks, mask = put(data.tokens_ExP[idx]), put(data.mask_ExP[idx])
         real = min(batch_size, n - start)
-        r1 = sample(graphdef, params, toks, mask, key, rules=greedy, group_size=1)
+        img = None if images is None else images(idx)
+        r1 = sample(graphdef, params, toks, mask, key, rules=greedy, group_size=1, images=img)
         texts1 = completion_texts(tokenizer, r1, fetch)
         ok1 = [_correct(verifier, t, data.answers[i]) for t, i in zip(texts1, idx, strict=True)]
         hits1 += ok1[:real]
         if k > 0:
             rk = sample(graphdef, params, toks, mask, jax.random.fold_in(key, start), rules=rules,
-                        group_size=k)
+                        group_size=k, images=img)
             okk = [_correct(verifier, t, data.answers[idx[j // k]])
                    for j, t in enumerate(completion_texts(tokenizer, rk, fetch))]
             hitsk += [any(okk[i * k:(i + 1) * k]) for i in range(real)]
@@ -46,7 +48,7 @@ def evaluate(graphdef, params, data: EncodedExamples, tokenizer, verifier: Verif
         if start == 0:
             rows = [dict(prompt=data.questions[i], completion=t, correct=bool(o),
                          reference=data.answers[i][0] if data.answers[i] else "",
-                         prediction=extract_answer(t))
+                         prediction=extract_answer(t), **data.image_of(i))
                     for i, t, o in zip(idx[:real], texts1, ok1, strict=False)]
     out = {"pass_at_1": float(np.mean(hits1)) if hits1 else 0.0}
     if k > 0:

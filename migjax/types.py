@@ -3,7 +3,7 @@ with the shape of every field. All are pytrees (NamedTuples of arrays)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -27,6 +27,7 @@ class Rollout(NamedTuple):
     mask_NxC: jax.Array  # bool, real completion tokens (the stop token included)
     sampler_logp_NxC: jax.Array  # float32, log-probs of the sampled tokens under the sampler
     truncated_N: jax.Array  # bool, hit the token budget before a stop token
+    images: Any = None  # multimodal.ImageFeatures of each sample's prompt (None: text only)
 
 
 class TrainBatch(NamedTuple):
@@ -46,3 +47,4 @@ class TrainBatch(NamedTuple):
     r_format_N: jax.Array  # float32
     r_custom_N: jax.Array | None = None  # float32, weighted sum of reward.custom (None: none)
     truncated_N: jax.Array | None = None  # bool, hit the token budget (rl.mask_truncated)
+    images: Any = None  # multimodal.ImageFeatures of each prompt (None: text only)

@@ -41,6 +41,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width
           border: 1px solid #ddd; font-family: ui-monospace, monospace; }
 h2 { margin-top: 1.5em; border-bottom: 1px solid #ddd; }
 .ok { color: #1a7f37; font-weight: bold; }
+.scene { float: right; margin: 0 0 0.5em 1em; image-rendering: pixelated; border: 1px solid #ccc; }
 .bad { color: #c62828; font-weight: bold; }
 """
 
@@ -182,8 +183,9 @@ def completions_html(rows: Sequence[Mapping[str, Any]], *, title: str = "Complet
     rows: {"prompt": str (the question), "completion": str, "reward": float, "correct": bool}
     and optionally "reference" and "prediction" (str), "group" (int: the prompt's group),
     "advantages" ({stream: float}), "section" (a heading, shown where it changes: one per
-    evaluation set) and "steps" ([(text, g)] or [(text, g, l_k, h_k)]: the CoT steps,
-    coloured by g).
+    evaluation set), "steps" ([(text, g)] or [(text, g, l_k, h_k)]: the CoT steps,
+    coloured by g) and "image" (uint8 [H, W, 3]: an image task's image, shown beside the
+    question; a group's rows show it once).
     """
     for i, row in enumerate(rows):
         for field in ("prompt", "completion", "reward", "correct"):
@@ -199,7 +201,11 @@ def completions_html(rows: Sequence[Mapping[str, Any]], *, title: str = "Complet
         verdict = ('<span class="ok">correct</span>' if row["correct"]
                    else '<span class="bad">wrong</span>')
         group = f" group {_esc(row['group'])}" if row.get("group") is not None else ""
+        first_of_group = i == 0 or row.get("group") is None or \
+            rows[i - 1].get("group") != row.get("group")
+        image = row.get("image")
         parts = ['<div class="card">',
+                 image_html(image) if image is not None and first_of_group else "",
                  f'<div class="summary">#{i}{group} reward = {_esc(_num(row["reward"]))} '
                  f"{verdict}</div>",
                  _facts(row),
@@ -214,6 +220,23 @@ def completions_html(rows: Sequence[Mapping[str, Any]], *, title: str = "Complet
                   f'<div class="text">{_esc(row["completion"])}</div>', "</div>"]
         body.append("\n".join(p for p in parts if p))
     return _page(title, body)
+
+
+def image_html(image, scale: int = 2) -> str:
+    """An inline PNG <img> of a uint8 [H, W, 3] image, drawn `scale` times its size."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(image, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    h, w = a.shape[:2]
+    return (f'<img class="scene" alt="the prompt\'s image" width="{w * scale}" '
+            f'height="{h * scale}" src="data:image/png;base64,{data}">')
 
 
 def write_html(path: str | os.PathLike, html_text: str) -> None:

@@ -12,21 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from migjax.config_checks import DEMO_KINDS
 from migjax.models import merge
 from migjax.models.scoring import token_logprobs
 from migjax.train_state import TrainState, apply_if_finite
 
 
-def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len: int):
+def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len: int, *,
+                 return_kept: bool = False):
     """Right-padded [E, T] tokens, attention mask and loss mask (completion + eos tokens).
-    Demonstrations longer than max_len are dropped; returns the arrays and the drop count."""
+    Demonstrations longer than max_len are dropped; returns the arrays and the drop count (and
+    with `return_kept` the index of each kept demonstration)."""
     eos = tokenizer.eos_token_id
-    rows = []
-    for p, comp in zip(prompts, completions, strict=True):
+    rows, kept = [], []
+    for i, (p, comp) in enumerate(zip(prompts, completions, strict=True)):
         pt = tokenizer.encode(p, add_special_tokens=False)
         ct = tokenizer.encode(comp, add_special_tokens=False) + ([eos] if eos is not None else [])
         if len(pt) + len(ct) <= max_len:
             rows.append((pt, ct))
+            kept.append(i)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = np.full((len(rows), max_len), pad, np.int32)
     mask = np.zeros((len(rows), max_len), bool)
@@ -35,6 +39,8 @@ def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len:
         s = pt + ct
         tokens[i, :len(s)], mask[i, :len(s)] = s, True
         loss_mask[i, len(pt):len(s)] = True
+    if return_kept:
+        return (tokens, mask, loss_mask), len(prompts) - len(rows), np.asarray(kept, np.int64)
     return (tokens, mask, loss_mask), len(prompts) - len(rows)
 
 
@@ -85,6 +91,36 @@ def sft_step(graphdef, optimizer, state: TrainState, tokens_NxT, mask_NxT, loss_
     return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
 
 
+def make_vl_sft_step(graphdefs, grid, optimizer, state_shardings=None):
+    """The jitted `(state, tokens, mask, loss_mask, images) -> (state, metrics)` of a
+    vision-language model: params {"lm", "visual"}, both trained; `images` is
+    (pixels [N, S, F], image-token columns [N, M], M-RoPE positions [N, T, 3])."""
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(functools.partial(vl_sft_step, graphdefs, grid, optimizer),
+                   donate_argnums=(0,), out_shardings=out)
+
+
+def vl_sft_step(graphdefs, grid, optimizer, state: TrainState, tokens_NxT, mask_NxT,
+                loss_mask_NxT, images):
+    """One cross-entropy step on image demonstrations; gradients reach the tower."""
+    from migjax.models.multimodal import ImageFeatures, tower_features
+
+    pixels, index, positions = images
+    lm_graphdef, tower_graphdef = graphdefs
+
+    def loss_fn(params):
+        feats = tower_features(merge(tower_graphdef, params["visual"]), pixels, grid)
+        img = ImageFeatures(feats, index, positions, jnp.zeros(tokens_NxT.shape[:1], jnp.int32))
+        lp, _ = token_logprobs(merge(lm_graphdef, params["lm"]), tokens_NxT, mask_NxT,
+                               images=img)
+        m = loss_mask_NxT.astype(jnp.float32)
+        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state, ok = apply_if_finite(state, grads, loss, optimizer)
+    return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
+
+
 def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
     """The demonstration of each arith item: its solution, or with probability `distracted_prob`
     (a seeded draw per item) the careless teacher's `arith.distracted_solution`."""
@@ -95,7 +131,6 @@ def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
             for it, bad in zip(items, careless, strict=True)]
 
 
-DEMO_KINDS = ("arith", "gsm8k", "math")  # tasks whose records carry demonstrations
 
 
 def demo_texts(c, render) -> tuple[list[str], list[str]]:
@@ -114,6 +149,9 @@ def demo_texts(c, render) -> tuple[list[str], list[str]]:
         items = [task[i % len(task)] for i in range(n)]
         return [render(it.question) for it in items], demonstrations(items, w.distracted_prob,
                                                                       c.seed)
+    if c.task.kind == "scenes":
+        prompts, completions, _, _ = scene_demos(c, render)
+        return prompts, completions
     if c.task.kind not in DEMO_KINDS:
         raise ValueError(f"task.kind={c.task.kind!r} has no demonstrations for the warm start; "
                          f"kinds with demonstrations: {DEMO_KINDS}")
@@ -135,6 +173,47 @@ def demo_texts(c, render) -> tuple[list[str], list[str]]:
     order = np.random.default_rng([c.seed, 3]).permutation(len(pairs))
     picked = [pairs[order[i % len(pairs)]] for i in range(n)]
     return [render(q) for q, _ in picked], [d for _, d in picked]
+
+
+def scene_demos(c, render):
+    """(prompts with the image placeholder, solutions, image row of each demonstration, the
+    uint8 training images) of the scene task: `warmstart.steps * warmstart.batch_size`
+    demonstrations cycling through the training scenes in a seeded order."""
+    from migjax import experiment as ex
+    from migjax.data import visual
+
+    n = c.warmstart.steps * c.warmstart.batch_size
+    examples, images = ex.visual_examples(c, None, limit=None)
+    mark = visual.placeholder(ex.image_token_count(c, ex.vision_config(c)))
+    order = np.random.default_rng([c.seed, 3]).permutation(len(examples))
+    rows = np.asarray([order[i % len(examples)] for i in range(n)], np.int64)
+    return ([render(mark + examples[r].question) for r in rows],
+            [examples[r].solution for r in rows], rows, images)
+
+
+def _vl_model(c, init, tokenizer, mesh, workdir):
+    """(VLConfig, (lm graphdef, tower graphdef), {"lm", "visual"} params) to warm-start: the
+    Qwen2.5-VL directory model.path, or the scratch shape with random weights."""
+    from flax import nnx
+
+    from migjax import experiment as ex
+    from migjax.models import split
+    from migjax.models.qwen25vl import Qwen25VL
+    from migjax.models.sharding import DEFAULT_RULES, param_shardings
+
+    path = ex.packaged_model(init.model.path, workdir)
+    if path:
+        from migjax.models.qwen25vl import load
+        model, vlcfg = load(path, dtype=c.model.dtype, mesh=mesh)
+    else:
+        vlcfg = ex.scratch_vl_config(c, tokenizer)
+        model = Qwen25VL(vlcfg, rngs=nnx.Rngs(c.seed))
+    lm_gd, lm_params = split(model.lm)
+    tower_gd, tower_params = split(model.visual)
+    if not path:
+        shard = param_shardings({k: v.shape for k, v in lm_params.items()}, mesh, DEFAULT_RULES)
+        lm_params = {k: jax.device_put(v, shard[k]) for k, v in lm_params.items()}
+    return vlcfg, (lm_gd, tower_gd), {"lm": lm_params, "visual": tower_params}
 
 
 def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
@@ -162,14 +241,22 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
         logging.getLogger(__name__).warning(
             "warm start: %s is incomplete (no config.json, weights or tokenizer: an interrupted "
             "save); training it again and replacing it", out)
+    from migjax.data.visual import is_visual
+
     w = c.warmstart
     init = c if (c.model.path or c.model.preset) else _scratch_only(c)
-    graphdef, params, mcfg = ex.build_model(init, tokenizer, mesh, workdir=workdir)
-    prompts, completions = demo_texts(c, ex.renderer(c, tokenizer))
+    vl = is_visual(c.task.kind)
+    if vl:
+        mcfg, graphdef, params = _vl_model(c, init, tokenizer, mesh, workdir)
+        prompts, completions, image_rows, images = scene_demos(c, ex.renderer(c, tokenizer))
+    else:
+        graphdef, params, mcfg = ex.build_model(init, tokenizer, mesh, workdir=workdir)
+        prompts, completions = demo_texts(c, ex.renderer(c, tokenizer))
     prefix = c.task.completion_prefix  # the rendered prompt already ends with it
     completions = [d[len(prefix):] if prefix and d.startswith(prefix) else d
                    for d in completions]
-    (tokens, mask, loss_mask), dropped = encode_demos(tokenizer, prompts, completions, w.max_len)
+    (tokens, mask, loss_mask), dropped, kept = encode_demos(tokenizer, prompts, completions,
+                                                            w.max_len, return_kept=True)
     if dropped:
         logging.getLogger(__name__).warning("warm start: dropped %d demonstrations longer than "
                                             "warmstart.max_len=%d", dropped, w.max_len)
@@ -186,15 +273,23 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
                                                                sharding=x.sharding), state)
         state, _ = ckpt.restore(start, abstract)
         tqdm.write(f"warm start: resumed from step {start} in {ckpt.directory}")
-    step_fn = make_sft_step(graphdef, optimizer, shardings)
     put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
+    if vl:
+        grid = ex.image_grid(c, mcfg.vision)
+        step_fn = make_vl_sft_step(graphdef, grid, optimizer, shardings)
+        image_rows = image_rows[kept]
+        extra = lambda idx, width: (_demo_images(images[image_rows[idx]], tokens[idx, :width],
+                                                 mask[idx, :width], mcfg, grid, put),)
+    else:
+        step_fn = make_sft_step(graphdef, optimizer, shardings)
+        extra = lambda idx, width: ()
     bar = tqdm(range(start, w.steps), initial=start, total=w.steps, desc="sft warm start",
                disable=not c.log.progress or jax.process_index() != 0, dynamic_ncols=True)
     skips = 0
     for s in bar:
         idx, width = batches[s % len(batches)]
         state, m = step_fn(state, put(tokens[idx, :width]), put(mask[idx, :width]),
-                           put(loss_mask[idx, :width]))
+                           put(loss_mask[idx, :width]), *extra(idx, width))
         skips = skips + 1 if float(m["update/skipped"]) else 0
         if skips >= c.optim.max_consecutive_skips:
             ckpt.close()
@@ -211,10 +306,26 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     if jax.process_index() == 0:
         for stale in (out + ".tmp", out):  # an interrupted save, a partial folder
             shutil.rmtree(stale, ignore_errors=True)
-        save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
+        if vl:
+            from migjax.models.qwen25vl import Qwen25VL, save
+            save(Qwen25VL(mcfg, lm=merge(graphdef[0], host_params["lm"]),
+                          visual=merge(graphdef[1], host_params["visual"])), out + ".tmp",
+                 tokenizer=tokenizer)
+        else:
+            save_params(host_params, mcfg, out + ".tmp", tokenizer=tokenizer)
         os.replace(out + ".tmp", out)
     ex._barrier("sft_model")  # the other processes load what process 0 wrote
     return out
+
+
+def _demo_images(images_NxHxWxC, tokens_NxT, mask_NxT, vlcfg, grid, put):
+    """(pixels, image-token columns, M-RoPE positions) of a batch of image demonstrations."""
+    from migjax.models.multimodal import image_layout, patchify
+
+    lay = image_layout(tokens_NxT, mask_NxT, image_token_id=vlcfg.image_token_id, grid_thw=grid,
+                       images_per_prompt=1, spatial_merge_size=vlcfg.vision.spatial_merge_size)
+    return (put(patchify(images_NxHxWxC, vlcfg.vision)), put(lay.index_ExM),
+            put(lay.positions_ExPx3))
 
 
 def is_complete(model_dir: str) -> bool:

@@ -21,14 +21,15 @@ def load(name, variant="mig"):
 
 
 def test_recipes_exist():
-    assert {"arith_tiny", "gsm8k_qwen", "math_qwen", "smollm2_gsm8k"} <= set(RECIPES)
+    assert {"arith_tiny", "gsm8k_qwen", "math_qwen", "scenes_tiny", "smollm2_gsm8k"} <= \
+        set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_recipe_and_variant_validates(name, variant):
     c = load(name, variant)
-    if c.task.kind != "arith" and not c.model.path:
+    if c.task.kind not in ("arith", "scenes") and not c.model.path:
         with pytest.raises(ValueError, match="model.path"):
             validate(c, 1)
         c.model.path = "/some/model"

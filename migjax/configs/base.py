@@ -62,10 +62,17 @@ def get_config() -> mlc.ConfigDict:
     # shape of a model trained from scratch (used when path and preset are empty)
     c.model.scratch = mlc.ConfigDict(dict(hidden_size=128, intermediate_size=384, num_layers=4,
                                           num_heads=4, num_kv_heads=2, head_dim=32))
+    # image tasks: the Qwen2.5-VL vision tower of a model trained from scratch (its output goes
+    # to the language model's width; the language model gets M-RoPE)
+    c.model.scratch_vision = mlc.ConfigDict(dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=(1,)))
     c.tokenizer_path = ""  # defaults to model.path; the embedded task builds its own
 
     c.task = mlc.ConfigDict()
-    c.task.kind = "arith"  # arith | gsm8k | math | svamp | asdiv | mawps | jsonl
+    # text: arith | gsm8k | math | svamp | asdiv | mawps | jsonl; with images (a Qwen2.5-VL
+    # model): scenes (embedded) | clevr | super_clevr | counting_jsonl
+    c.task.kind = "arith"
     c.task.train_path = ""  # data file for real datasets (not copied into the project)
     c.task.train_limit = 0  # 0 = all records
     c.task.exclude_path = ""  # e.g. MATH500, whose problems must not be trained on
@@ -90,6 +97,12 @@ def get_config() -> mlc.ConfigDict:
     c.task.strict = False  # stop at the first malformed record instead of skipping it
     # the embedded task: `train` shapes the training and in-distribution test problems, `ood`
     # the out-of-distribution set (longer chains, larger values, more distractors)
+    # image tasks: every image is resized to height x width (multiples of the tower's
+    # patch_size * spatial_merge_size), so all prompts hold the same number of image tokens
+    c.task.image = mlc.ConfigDict(dict(height=96, width=96))
+    # the embedded scene task (migjax/data/scenes.py): CoGenT-style splits train/test
+    # (condition A) and ood (condition B); objects per scene (min, max)
+    c.task.scenes = mlc.ConfigDict(dict(train_size=2000, objects=(3, 6), ood_objects=(7, 9)))
     c.task.arith = mlc.ConfigDict(dict(
         train_size=100000,
         train=dict(min_steps=2, max_steps=4, max_operand=9, max_value=99, num_distractors=1,

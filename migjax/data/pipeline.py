@@ -37,6 +37,7 @@ class EncodedExamples:
     ids: list[str]  # Example.id per row
     questions: list[str]
     answers: list[tuple[str, ...]]  # the answer variants kept, in order
+    images: Any = None  # data.visual.ImageSet of an image task, row for row (None: text)
 
     def __post_init__(self):
         e, p = self.tokens_ExP.shape
@@ -81,7 +82,13 @@ class EncodedExamples:
             h.update(repr((a.dtype.str, a.shape)).encode())
             h.update(np.ascontiguousarray(a).tobytes())
         h.update("\0".join(self.ids).encode("utf-8", "surrogatepass"))
+        if self.images is not None:
+            h.update(np.ascontiguousarray(self.images.images_ExHxWxC).tobytes())
         return h.hexdigest()[:16]
+
+    def image_of(self, index: int) -> dict[str, np.ndarray]:
+        """{"image": the uint8 image of row `index`} for an image task, else {}."""
+        return {} if self.images is None else {"image": self.images.images_ExHxWxC[index]}
 
     def trimmed(self, multiple: int = 8) -> EncodedExamples:
         """The same examples without the leading pad columns that no prompt uses (the width is
@@ -91,8 +98,11 @@ class EncodedExamples:
         width = min(p, max(multiple, -(-longest // multiple) * multiple))
         if width == p:
             return self
+        images = self.images
+        if images is not None:
+            images = dataclasses.replace(images, layout=images.layout.trimmed(p - width))
         return dataclasses.replace(self, tokens_ExP=self.tokens_ExP[:, p - width:],
-                                   mask_ExP=self.mask_ExP[:, p - width:])
+                                   mask_ExP=self.mask_ExP[:, p - width:], images=images)
 
     def __repr__(self) -> str:  # stable across runs: grain restores in-memory sources by repr
         e, v, a = self.answer_ExVxA.shape

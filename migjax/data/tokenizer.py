@@ -35,12 +35,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _training_texts(seed: int) -> list[str]:
-    """Corpus texts of every arith variant with the tag strings cut out (they are added tokens)."""
+    """Corpus texts of every arith variant."""
     texts = []
     for v_index, variant in enumerate(arith.VARIANTS):
         start = (seed * len(arith.VARIANTS) + v_index) * _CORPUS_PER_VARIANT
-        for text in arith.corpus(arith.arith_spec(variant), _CORPUS_PER_VARIANT, start=start):
-            texts.extend(piece for piece in _TAG_RE.split(text) if piece)
+        texts.extend(arith.corpus(arith.arith_spec(variant), _CORPUS_PER_VARIANT, start=start))
     return texts
 
 
@@ -53,9 +52,19 @@ def build_arith_tokenizer(
     (pad, eos, unk) and the CoT tags. ASCII text round-trips exactly; any non-ASCII byte encodes
     to `<|unk|>`. Digits are always single tokens. The same `seed` gives the same files.
     """
-    min_size = 128 + len(SPECIAL_TOKENS) + len(TAG_TOKENS)
+    return build_bpe_tokenizer(out_dir, _training_texts(seed), vocab_size=vocab_size,
+                               name="build_arith_tokenizer")
+
+
+def build_bpe_tokenizer(out_dir: str, texts, *, vocab_size: int, extra_special=(),
+                        name: str = "build_bpe_tokenizer") -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` (the CoT tags cut out: they are added tokens), with
+    pad/eos/unk, the CoT tags and `extra_special` (e.g. image placeholder tokens, dropped by
+    `decode(skip_special_tokens=True)`) as single tokens; saved to `out_dir`."""
+    extra = tuple(extra_special)
+    min_size = 128 + len(SPECIAL_TOKENS) + len(TAG_TOKENS) + len(extra)
     if vocab_size < min_size:
-        raise ValueError(f"build_arith_tokenizer: vocab_size must be >= {min_size} (ASCII bytes, "
+        raise ValueError(f"{name}: vocab_size must be >= {min_size} (ASCII bytes, "
                          f"special and tag tokens), got {vocab_size}")
     byte_chars = bytes_to_unicode()
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -65,15 +74,18 @@ def build_arith_tokenizer(
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(TAG_TOKENS),
+        vocab_size=vocab_size - len(TAG_TOKENS) - len(extra),
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=[byte_chars[b] for b in range(128)],
         limit_alphabet=128,
         show_progress=False,
     )
-    tok.train_from_iterator(_training_texts(seed), trainer)
+    pieces = (p for text in texts for p in _TAG_RE.split(text) if p)
+    tok.train_from_iterator(pieces, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    if extra:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
         clean_up_tokenization_spaces=False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from migjax.models.multimodal import decoder_inputs
 from migjax.models.transformer import Transformer, causal_inputs
 
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits up to 1 GiB are materialised whole
@@ -60,16 +61,18 @@ def _block_logprobs(h_NxTxD, w_DxV, targets_NxT, temperature, with_entropy):
 
 def token_logprobs(model: Transformer, tokens_NxT, attention_mask_NxT=None, *, positions_NxT=None,
                    attn_mask_NxTxT=None, chunk_size=256, temperature=1.0, with_entropy=False,
-                   max_logits_bytes=LOGITS_BUDGET_BYTES):
+                   max_logits_bytes=LOGITS_BUDGET_BYTES, images=None):
     """Teacher-forced log-probs of each token given everything its predecessor may attend to.
 
     Returns (logp_NxT, entropy_NxT), float32, aligned with `tokens_NxT`: `logp[:, t]` is
     log p(tokens[:, t] | hidden state at t-1), and `entropy[:, t]` the entropy of that same
     distribution; column 0 has no predecessor and is 0. With a custom `attn_mask_NxTxT` (packed
     sequences) the predecessor of a token is simply the token before it in the packed layout.
+    `images` (`multimodal.ImageFeatures`): the image prompts the first columns hold.
     """
     pos, mask = causal_inputs(tokens_NxT, attention_mask_NxT, positions_NxT, attn_mask_NxTxT)
-    h, _ = model.hidden(tokens_NxT, pos, mask)
+    embeds, pos = decoder_inputs(model, tokens_NxT, pos, images)
+    h, _ = model.hidden(tokens_NxT, pos, mask, embeds_NxTxD=embeds)
     lp, ent = chunked_logprobs(h[:, :-1], model.head(), tokens_NxT[:, 1:], chunk_size=chunk_size,
                                temperature=temperature, with_entropy=with_entropy,
                                max_logits_bytes=max_logits_bytes)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from migjax.models.multimodal import decoder_inputs
 from migjax.models.scoring import chunked_logprobs, token_logprobs
 from migjax.models.transformer import Transformer, positions_from_mask
 
@@ -95,14 +96,17 @@ def packed_probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_Nx
 
 def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC,
                      cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA, *,
-                     variant_reduce="max", count_closing_tokens=False, chunk_size=256):
-    """Fast path: l_NxK1 from one forward per completion over the packed probes (no gradient)."""
+                     variant_reduce="max", count_closing_tokens=False, chunk_size=256,
+                     images=None):
+    """Fast path: l_NxK1 from one forward per completion over the packed probes (no gradient).
+    With `images` (image prompts) every probe sees the prompt with its image."""
     lay = packed_probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
                               answer_mask_NxVxA, count_closing_tokens)
     n, k1, nv, w = lay["shape"]
     tokens = jnp.concatenate([prompt_NxP, tokens_NxC, lay["blk_tok"]], axis=1)
     eye = jnp.eye(tokens.shape[1], dtype=bool)[None]
-    h, _ = model.hidden(tokens, lay["positions"], lay["attn"] | eye)
+    embeds, pos = decoder_inputs(model, tokens, lay["positions"], images)
+    h, _ = model.hidden(tokens, pos, lay["attn"] | eye, embeds_NxTxD=embeds)
     h_pred = jnp.take_along_axis(h, lay["pred"][..., None], axis=1)
     lp, _ = chunked_logprobs(h_pred, model.head(), lay["blk_tok"], chunk_size=chunk_size)
     cnt = lay["count"]
@@ -115,10 +119,13 @@ def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC
 
 def step_likelihoods_naive(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC,
                            cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA, *,
-                           variant_reduce="max", count_closing_tokens=False, forward=None):
+                           variant_reduce="max", count_closing_tokens=False, forward=None,
+                           images=None):
     """Reference path: one left-padded forward over `prompt + prefix_k + probe + y*` for every
     (k, variant), built on the host from the real tokens only. `forward(tokens, mask) -> logp`
-    defaults to a jitted `token_logprobs` of `model`."""
+    defaults to a jitted `token_logprobs` of `model`. Text prompts only."""
+    if images is not None:
+        raise ValueError("mig.fast=False (the naive reference pass) takes text prompts only")
     if forward is None:
         forward = jax.jit(lambda t, m: token_logprobs(model, t, m)[0])
     pr, pm = np.asarray(prompt_NxP), np.asarray(prompt_mask_NxP, bool)

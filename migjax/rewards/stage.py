@@ -32,12 +32,12 @@ class MigRules:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
 def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
-                probe_Q, answer_NxVxA, answer_mask_NxVxA, *, rules: MigRules):
+                probe_Q, answer_NxVxA, answer_mask_NxVxA, images=None, *, rules: MigRules):
     """l_NxK1 by the fast packed-probe pass (no gradient)."""
     return mig.step_likelihoods(
         merge(graphdef, params), prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
         probe_Q, answer_NxVxA, answer_mask_NxVxA, variant_reduce=rules.variant_reduce,
-        count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk)
+        count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk, images=images)
 
 
 class RewardStage:
@@ -100,11 +100,11 @@ class RewardStage:
                 rollout.mask_NxC, jnp.asarray(seg.cuts_NxK1), self.probe_Q,
                 rep(answer_BxVxA), rep(answer_mask_BxVxA))
         if self.rules.fast:
-            l_NxK1 = score_steps(graphdef, scorer_params, *args, rules=self.rules)
+            l_NxK1 = score_steps(graphdef, scorer_params, *args, rollout.images, rules=self.rules)
         else:
             l_NxK1 = mig.step_likelihoods_naive(
                 merge(graphdef, scorer_params), *args, variant_reduce=self.rules.variant_reduce,
-                count_closing_tokens=self.rules.count_closing_tokens)
+                count_closing_tokens=self.rules.count_closing_tokens, images=rollout.images)
         batch = TrainBatch(
             prompt_NxP=rollout.prompt_NxP, prompt_mask_NxP=rollout.prompt_mask_NxP,
             tokens_NxC=rollout.tokens_NxC, mask_NxC=rollout.mask_NxC,
@@ -113,5 +113,5 @@ class RewardStage:
             step_mask_NxK=jnp.asarray(seg.step_mask_NxK), num_steps_N=jnp.asarray(seg.num_steps_N),
             r_correct_N=jnp.asarray(r_correct), r_format_N=jnp.asarray(r_format),
             r_custom_N=self.custom_rewards(rollout, texts, refs_N, preds, r_correct),
-            truncated_N=jnp.asarray(rollout.truncated_N))
+            truncated_N=jnp.asarray(rollout.truncated_N), images=rollout.images)
         return batch, dict(texts=texts, preds=preds, seg=seg, refs=refs_N)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from migjax.models import merge
+from migjax.models.multimodal import ImageFeatures, decoder_inputs, repeat
 from migjax.models.transformer import KVCache, cache_mask, positions_from_mask
 from migjax.types import Rollout
 
@@ -91,8 +92,10 @@ def _stopped(tokens_NxC, i, tok_N, rules: SamplingRules):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rules", "group_size"))
 def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
-           rules: SamplingRules, group_size: int = 1) -> Rollout:
-    """Samples `group_size` completions per left-padded prompt. Deterministic for a given key."""
+           rules: SamplingRules, group_size: int = 1,
+           images: ImageFeatures | None = None) -> Rollout:
+    """Samples `group_size` completions per left-padded prompt. Deterministic for a given key.
+    `images`: the prompts' image features (`migjax.models.multimodal`), B rows."""
     model = merge(graphdef, params)
     cfg = model.cfg
     b, p = prompt_BxP.shape
@@ -103,12 +106,15 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
     # Prefill: one pass per prompt, then every sample of the group shares the prompt's cache.
     cache = KVCache.empty(cfg, b, p + c)
     cache, attn = cache_mask(cache, mask_p)
-    pos_p = positions_from_mask(mask_p)
-    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache)
+    embeds, pos_p = decoder_inputs(model, prompt_BxP, positions_from_mask(mask_p), images)
+    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache, embeds_NxTxD=embeds)
     logits = model.logits(h[:, -1:])[:, 0]
     cache = cache.repeat(g)
     logits = jnp.repeat(logits, g, axis=0)
-    pos_N = jnp.repeat(jnp.sum(mask_p, axis=1).astype(jnp.int32), g)
+    pos_B = jnp.sum(mask_p, axis=1).astype(jnp.int32)
+    if images is not None:  # text after an image prompt continues from its M-RoPE positions
+        pos_B = pos_B + images.delta_N
+    pos_N = jnp.repeat(pos_B, g)
 
     k0, key = jax.random.split(key)
     tok, lp = _pick(k0, logits, rules)
@@ -145,6 +151,7 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
         mask_NxC=mask,
         sampler_logp_NxC=jnp.where(mask, s.logp_NxC, 0.0),
         truncated_N=truncated,
+        images=repeat(images, g),
     )
 
 
