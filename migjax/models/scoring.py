@@ -69,7 +69,7 @@ def token_logprobs(model: Transformer, tokens_NxT, attention_mask_NxT=None, *, p
     sequences) the predecessor of a token is simply the token before it in the packed layout.
     """
     pos, mask = causal_inputs(tokens_NxT, attention_mask_NxT, positions_NxT, attn_mask_NxTxT)
-    h, _ = model.hidden(tokens_NxT, pos, mask)
+    h, _ = model.hidden(tokens_NxT, pos, mask, causal=attn_mask_NxTxT is None)
     lp, ent = chunked_logprobs(h[:, :-1], model.head(), tokens_NxT[:, 1:], chunk_size=chunk_size,
                                temperature=temperature, with_entropy=with_entropy,
                                max_logits_bytes=max_logits_bytes)

@@ -104,7 +104,7 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
     cache = KVCache.empty(cfg, b, p + c)
     cache, attn = cache_mask(cache, mask_p)
     pos_p = positions_from_mask(mask_p)
-    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache)
+    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache, causal=True)
     logits = model.logits(h[:, -1:])[:, 0]
     cache = cache.repeat(g)
     logits = jnp.repeat(logits, g, axis=0)
