@@ -18,6 +18,7 @@ CHOICES = {
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "loss.kl_estimator": ("k1", "k2", "k3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_impl": ("xla", "cudnn", "auto"),
 }
 
 
@@ -105,6 +106,9 @@ def validate(c, device_count: int | None = None) -> None:
     if len(c.reward.custom) != len(c.reward.custom_weights):
         raise ValueError(f"reward.custom has {len(c.reward.custom)} functions but "
                          f"reward.custom_weights has {len(c.reward.custom_weights)} weights")
+    if c.model.attn_impl == "cudnn" and c.model.dtype == "float32":
+        raise ValueError("model.attn_impl='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's "
+                         "fused attention has no float32 kernel); use model.attn_impl='auto'")
     if c.model.preset and c.model.path:
         raise ValueError("set only one of model.path and model.preset")
     if device_count is not None:

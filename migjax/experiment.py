@@ -118,7 +118,8 @@ def scratch_config(c, tokenizer) -> ModelConfig:
         num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
-        param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat)
+        param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat,
+        attn_impl=c.model.attn_impl)
 
 
 def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None = None):
@@ -129,8 +130,7 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if isinstance(model, Qwen25VL):  # RL trains the language model; the tower is frozen
             model, mcfg = model.lm, mcfg.text
-        if c.model.remat:
-            model.cfg = mcfg = mcfg.replace(remat=True)
+        model.cfg = mcfg = mcfg.replace(remat=c.model.remat, attn_impl=c.model.attn_impl)
         if len(tokenizer) > mcfg.vocab_size:
             raise ValueError(f"tokenizer at {c.tokenizer_path or path} has {len(tokenizer)} "
                              f"tokens but the model's vocab_size is {mcfg.vocab_size}")
@@ -142,7 +142,8 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
         mcfg = PRESETS[c.model.preset].replace(
             vocab_size=max(PRESETS[c.model.preset].vocab_size, len(tokenizer)),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat)
+            param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat,
+            attn_impl=c.model.attn_impl)
     else:
         mcfg = scratch_config(c, tokenizer)
     graphdef, params = split(init_model(mcfg, c.seed))

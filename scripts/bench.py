@@ -68,25 +68,37 @@ def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def bench_rollout(graphdef, params, vocab, a, key) -> float:
-    """New tokens/s of `sample` at gen_batch x (prompt_len + new_tokens), no stop tokens."""
+def rollout_call(graphdef, params, vocab, a, key, group_size: int = 1):
+    """A call of `sample`: gen_batch random prompts of prompt_len tokens, `group_size` samples
+    of new_tokens each (the group shares its prompt's prefill), no stop tokens."""
     prompt = jax.random.randint(key, (a.gen_batch, a.prompt_len), 0, vocab, jnp.int32)
     mask = jnp.ones_like(prompt, bool)
     rules = SamplingRules(max_new_tokens=a.new_tokens, temperature=1.0, stop_ids=())
-    run = lambda: sample(graphdef, params, prompt, mask, key, rules=rules).tokens_NxC
+    return lambda: sample(graphdef, params, prompt, mask, key, rules=rules,
+                          group_size=group_size).tokens_NxC
+
+
+def bench_rollout(graphdef, params, vocab, a, key) -> float:
+    """New tokens/s of `sample` at gen_batch x (prompt_len + new_tokens), no stop tokens."""
+    run = rollout_call(graphdef, params, vocab, a, key)
     return a.gen_batch * a.new_tokens / timed(run, a.reps)
+
+
+def score_call(graphdef, params, vocab, a, key):
+    """A call of the teacher-forced log-prob pass over score_batch x seq_len tokens."""
+    tokens = jax.random.randint(key, (a.score_batch, a.seq_len), 0, vocab, jnp.int32)
+    fn = jax.jit(lambda p, t: token_logprobs(merge(graphdef, p), t, chunk_size=a.chunk)[0])
+    return lambda: fn(params, tokens)
 
 
 def bench_score(graphdef, params, vocab, a, key) -> float:
     """Seconds per teacher-forced log-prob pass over score_batch x seq_len tokens."""
-    tokens = jax.random.randint(key, (a.score_batch, a.seq_len), 0, vocab, jnp.int32)
-    fn = jax.jit(lambda p, t: token_logprobs(merge(graphdef, p), t, chunk_size=a.chunk)[0])
-    return timed(lambda: fn(params, tokens), a.reps)
+    return timed(score_call(graphdef, params, vocab, a, key), a.reps)
 
 
-def bench_update(graphdef, params, vocab, a, key) -> float:
-    """Seconds per forward+backward+AdamW step on train_batch x seq_len tokens (donates
-    `params`: run it last)."""
+def update_call(graphdef, params, vocab, a, key):
+    """A call of one forward+backward+AdamW step on train_batch x seq_len tokens; each call
+    steps the same state on (donates `params`: use it last)."""
     tokens = jax.random.randint(key, (a.train_batch, a.seq_len), 0, vocab, jnp.int32)
     optimizer = make_optimizer(lr=1e-6)
 
@@ -107,7 +119,13 @@ def bench_update(graphdef, params, vocab, a, key) -> float:
         state[0], state[1], loss = step(state[0], state[1], tokens)
         return loss
 
-    return timed(run, a.reps)
+    return run
+
+
+def bench_update(graphdef, params, vocab, a, key) -> float:
+    """Seconds per forward+backward+AdamW step on train_batch x seq_len tokens (donates
+    `params`: run it last)."""
+    return timed(update_call(graphdef, params, vocab, a, key), a.reps)
 
 
 def main(argv=None):

@@ -72,6 +72,7 @@ def test_variants_change_what_they_claim():
     ("optim.max_consecutive_skips", 0, "optim.max_consecutive_skips=0 must be >= 1"),
     ("task.eval_limit", -1, "task.eval_limit=-1 must be >= 0"),
     ("task.train_limit", -3, "task.train_limit=-3 must be >= 0"),
+    ("model.attn_impl", "flash", "model.attn_impl"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = load("arith_tiny")
@@ -95,6 +96,12 @@ def test_cross_field_checks():
     c.mig.reward, c.mig.advantage_mode = "end_of_cot", "stepwise"
     with pytest.raises(ValueError, match="advantage_mode"):
         validate(c, 1)
+    c = load("arith_tiny")
+    c.model.attn_impl = "cudnn"
+    with pytest.raises(ValueError, match="model.dtype bfloat16 or float16"):
+        validate(c, 1)
+    c.model.dtype = "bfloat16"
+    validate(c, 1)
     c = load("arith_tiny")
     c.rl.batch_prompts = 6
     c.mesh.data = 4

@@ -59,6 +59,10 @@ def get_config() -> mlc.ConfigDict:
     c.model.init_from_sft = True
     c.model.dtype = "float32"  # parameter and compute dtype; "bfloat16" on GPU/TPU
     c.model.remat = False  # rematerialise layers in the backward pass (saves memory)
+    # causal attention (training, scoring, prefill): xla (einsum over the mask) | cudnn
+    # (jax.nn.dot_product_attention's cuDNN kernel: CUDA GPU, bfloat16/float16) | auto (cudnn
+    # where it applies, else xla); packed MIG probes and decoding always use xla
+    c.model.attn_impl = "xla"
     # shape of a model trained from scratch (used when path and preset are empty)
     c.model.scratch = mlc.ConfigDict(dict(hidden_size=128, intermediate_size=384, num_layers=4,
                                           num_heads=4, num_kv_heads=2, head_dim=32))

@@ -20,6 +20,10 @@ ARCHITECTURES = {
 }
 GEMMA = "gemma3_text"
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# How causal attention is computed (`Transformer.hidden`): xla, the einsum over the boolean mask;
+# cudnn, jax.nn.dot_product_attention's cuDNN fused kernel (CUDA GPU, bfloat16/float16); auto,
+# cudnn where it applies and xla elsewhere.
+ATTN_IMPLS = ("xla", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations (scores and losses are float32)
     remat: bool = False  # rematerialise each layer in the backward pass
+    attn_impl: str = "xla"  # one of ATTN_IMPLS; how this machine computes, not in config.json
     # Gemma 3 (model_type gemma3_text): local layers attend to the last `sliding_window`
     # positions and use rope base `rope_local_theta`; global layers use `rope_theta`
     layer_types: tuple[str, ...] | None = None  # per layer: full_attention | sliding_attention
@@ -63,6 +68,8 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; migjax supports {sorted(ARCHITECTURES)}"
             )
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r}; expected one of {ATTN_IMPLS}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(
                     LAYER_TYPES):

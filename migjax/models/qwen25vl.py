@@ -224,7 +224,7 @@ class Qwen25VL(nnx.Module):
         """Logits [N, T, V] (traceable: every argument may be a jit input)."""
         x = self.embed(tokens_NxT, pixel_values_PxF, image_index_M, layout)
         pos, mask = causal_inputs(tokens_NxT, attention_mask, positions_3xNxT)
-        h, _ = self.lm.hidden(tokens_NxT, pos, mask, embeds_NxTxD=x)
+        h, _ = self.lm.hidden(tokens_NxT, pos, mask, embeds_NxTxD=x, causal=True)
         return self.lm.logits(h)
 
     def prefill(self, tokens_NxT, attention_mask, cache, *, pixel_values=None,
@@ -242,7 +242,7 @@ class Qwen25VL(nnx.Module):
                        jnp.asarray(inp.image_index_M), inp.layout)
         cache, mask = cache_mask(cache, jnp.asarray(valid))
         h, cache = self.lm.hidden(tokens, jnp.asarray(inp.positions_3xNxT), mask, cache,
-                                  embeds_NxTxD=x)
+                                  embeds_NxTxD=x, causal=True)
         return h, cache, inp.rope_deltas_N
 
     def __call__(self, tokens_NxT, attention_mask=None, *, pixel_values=None,

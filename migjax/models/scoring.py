@@ -72,7 +72,8 @@ def token_logprobs(model: Transformer, tokens_NxT, attention_mask_NxT=None, *, p
     """
     pos, mask = causal_inputs(tokens_NxT, attention_mask_NxT, positions_NxT, attn_mask_NxTxT)
     embeds, pos = decoder_inputs(model, tokens_NxT, pos, images)
-    h, _ = model.hidden(tokens_NxT, pos, mask, embeds_NxTxD=embeds)
+    h, _ = model.hidden(tokens_NxT, pos, mask, embeds_NxTxD=embeds,
+                        causal=attn_mask_NxTxT is None)
     lp, ent = chunked_logprobs(h[:, :-1], model.head(), tokens_NxT[:, 1:], chunk_size=chunk_size,
                                temperature=temperature, with_entropy=with_entropy,
                                max_logits_bytes=max_logits_bytes)

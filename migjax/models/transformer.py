@@ -2,7 +2,8 @@
 module whose layers are stacked along a leading axis and applied with `lax.scan`, plus its KV
 cache. Gemma 3's local layers attend to the last `sliding_window` positions (the distance of
 position ids without a cache, of cache slots with one: a left-padded cache holds each sequence's
-tokens in consecutive slots), with their own rope base.
+tokens in consecutive slots), with their own rope base. Causal attention runs as an einsum over
+the boolean mask or, by `cfg.attn_impl`, through `jax.nn.dot_product_attention` (cuDNN).
 
 Every parameter has logical axis names in `PARAM_AXES`; `migjax.models.sharding` maps them
 onto a `(data, fsdp, tensor)` mesh.
@@ -122,13 +123,22 @@ def window_mask(q_at_NxT: jax.Array, k_at_NxS: jax.Array, window: int) -> jax.Ar
     return (q_at_NxT[:, :, None] - k_at_NxS[:, None, :]) < window
 
 
-def attention(q, k, v, mask_NxTxS, scale: float | None = None):
+def attention(q, k, v, mask_NxTxS, scale: float | None = None, *, causal: bool = False,
+              implementation: str | None = None):
     """Grouped-query attention. q [N,T,H,D], k/v [N,KVH,S,D], mask [N,T,S] (True = may attend).
 
-    The G query heads that share a KV head and the T queries are folded into one axis, so each
-    score and output product is a plain matmul batched over (N, KVH) with no transpose of k or
-    v: on CPU this is about twice as fast as the 5-D einsum, decoding (T = 1) more.
+    implementation None: the G query heads that share a KV head and the T queries are folded
+    into one axis, so each score and output product is a plain matmul batched over (N, KVH)
+    with no transpose of k or v: on CPU this is about twice as fast as the 5-D einsum, decoding
+    (T = 1) more. "xla" or "cudnn": `jax.nn.dot_product_attention` with that implementation and
+    the same boolean mask (the cuDNN kernel takes it as an additive [N, 1, T, S] bias);
+    `causal` (T == S and the mask lies on or below the diagonal) lets cuDNN skip the blocks
+    above it.
     """
+    if implementation is not None:
+        return jax.nn.dot_product_attention(
+            q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask_NxTxS[:, None], scale=scale,
+            is_causal=causal, implementation=implementation)
     n, t, h, d = q.shape
     kvh, s_len = k.shape[1], k.shape[2]
     g = h // kvh
@@ -140,6 +150,34 @@ def attention(q, k, v, mask_NxTxS, scale: float | None = None):
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(n, kvh, g * t, s_len)
     o = jnp.einsum("nkqs,nksd->nkqd", p, v)
     return o.reshape(n, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(n, t, h, d)
+
+
+CUDNN_DTYPES = ("bfloat16", "float16")  # cuDNN's fused attention has no float32 kernel
+
+
+def attention_kernel(cfg: ModelConfig, t: int, s: int) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation for a causal-and-padding attention of
+    t queries over s keys under `cfg.attn_impl`, or None for `attention`'s einsum.
+
+    Decoding (t == 1) always takes the einsum. "auto" takes cuDNN on a GPU backend when the
+    kernel supports the call on any GPU (bfloat16/float16, head_dim a multiple of 8 and <= 128,
+    even t and s, which its backward pass with a mask needs), else the einsum. "cudnn" raises
+    a one-line error off a GPU or in float32 instead of falling back.
+    """
+    if cfg.attn_impl == "xla" or t == 1:
+        return None
+    backend = jax.default_backend()
+    if cfg.attn_impl == "auto":
+        fits = (cfg.dtype in CUDNN_DTYPES and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+                and t % 2 == 0 and s % 2 == 0)
+        return "cudnn" if backend == "gpu" and fits else None
+    if cfg.dtype not in CUDNN_DTYPES:
+        raise ValueError(f"attn_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused "
+                         f"attention has no {cfg.dtype} kernel); use attn_impl='auto' or 'xla'")
+    if backend != "gpu":
+        raise ValueError(f"attn_impl='cudnn' needs a CUDA GPU but JAX's backend is {backend!r}; "
+                         "use attn_impl='auto' (cuDNN where it applies, else XLA) or 'xla'")
+    return "cudnn"
 
 
 def _init(rngs, shape, dtype, std=0.02):
@@ -188,10 +226,11 @@ class Transformer(nnx.Module):
     def _norm(self, x, w):
         return rms_norm(x, w, self.cfg.rms_norm_eps, 1.0 if self.cfg.is_gemma else 0.0)
 
-    def _block(self, x, p, pos_NxT, mask_NxTxS, inv_freq, cache=None):
+    def _block(self, x, p, pos_NxT, mask_NxTxS, inv_freq, cache=None, kernel=None):
         """One layer. mask_NxTxS and inv_freq are this layer's (see `_layer_inputs`). cache:
         None, or (k, v, layer, index) with every layer's cache [L, ...]; the new keys and values
-        are written at (layer, slot index) and (k, v) returned."""
+        are written at (layer, slot index) and (k, v) returned. kernel: `attention`'s
+        implementation (see `attention_kernel`)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         c = lambda a: a.astype(dt)
         h = self._norm(x, p["attn_norm"])
@@ -213,8 +252,9 @@ class Transformer(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             k, v, new_kv = ck[layer], cv[layer], (ck, cv)
-        o = jnp.einsum("nthk,hkd->ntd", attention(q, k, v, mask_NxTxS, cfg.attn_scale),
-                       c(p["wo"]))
+        o = attention(q, k, v, mask_NxTxS, cfg.attn_scale, causal=cache is None,
+                      implementation=kernel)
+        o = jnp.einsum("nthk,hkd->ntd", o, c(p["wo"]))
         x = x + (self._norm(o, p["post_attn_norm"]) if cfg.is_gemma else o)
         h = self._norm(x, p["mlp_norm"])
         g = jnp.einsum("ntd,df->ntf", h, c(p["w_gate"]))
@@ -243,7 +283,7 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ API
     def hidden(self, tokens_NxT, pos_NxT, mask_NxTxS, cache: KVCache | None = None, *,
-               embeds_NxTxD=None):
+               embeds_NxTxD=None, causal: bool = False):
         """Final-norm hidden states [N, T, D] and the updated cache (None without a cache).
 
         pos_NxT: [N, T] positions, or [3, N, T] M-RoPE positions for a config with
@@ -255,6 +295,12 @@ class Transformer(nnx.Module):
         every cache slot; see `cache_mask`. The cache travels through the layer scan as carry,
         not as per-layer inputs and outputs, so a decoding step writes only its new slots
         instead of copying the whole cache (about 1.7x faster decoding on CPU).
+
+        causal: `mask_NxTxS` is the causal mask over padded tokens that `causal_inputs` builds
+        without a custom `attn_mask`, or that `cache_mask` builds; only such calls may go through
+        `jax.nn.dot_product_attention` (`cfg.attn_impl`, see `attention_kernel`), with the same
+        mask (sliding windows included). Custom masks (packed MIG probes) and decoding steps
+        always take the einsum.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
@@ -270,17 +316,18 @@ class Transformer(nnx.Module):
             k_at = jnp.broadcast_to(jnp.arange(cache.mask_NxS.shape[1]), cache.mask_NxS.shape)
         sliding_L, layer_inputs = self._layer_inputs(mask_NxTxS, q_at, k_at)
         layer_p = self._layer_params()
+        kernel = attention_kernel(cfg, *mask_NxTxS.shape[1:]) if causal else None
         if cache is None:
             def body(x, xs):
                 p, sliding = xs
-                return self._block(x, p, pos_NxT, *layer_inputs(sliding))[0], None
+                return self._block(x, p, pos_NxT, *layer_inputs(sliding), None, kernel)[0], None
             xs = (layer_p, sliding_L)
         else:
             def body(carry, xs):
                 x, ck, cv = carry
                 p, sliding, layer = xs
                 x, (ck, cv) = self._block(x, p, pos_NxT, *layer_inputs(sliding),
-                                          (ck, cv, layer, cache.index))
+                                          (ck, cv, layer, cache.index), kernel)
                 return (x, ck, cv), None
             xs = (layer_p, sliding_L, jnp.arange(cfg.num_layers))
         if cfg.remat:
@@ -309,7 +356,7 @@ class Transformer(nnx.Module):
         (e.g. packed answer probes) used instead of the causal one.
         """
         pos, mask = causal_inputs(tokens_NxT, attention_mask, positions, attn_mask)
-        h, _ = self.hidden(tokens_NxT, pos, mask)
+        h, _ = self.hidden(tokens_NxT, pos, mask, causal=attn_mask is None)
         return self.logits(h)
 
 

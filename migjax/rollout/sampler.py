@@ -107,7 +107,7 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
     cache = KVCache.empty(cfg, b, p + c)
     cache, attn = cache_mask(cache, mask_p)
     embeds, pos_p = decoder_inputs(model, prompt_BxP, positions_from_mask(mask_p), images)
-    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache, embeds_NxTxD=embeds)
+    h, cache = model.hidden(prompt_BxP, pos_p, attn, cache, embeds_NxTxD=embeds, causal=True)
     logits = model.logits(h[:, -1:])[:, 0]
     cache = cache.repeat(g)
     logits = jnp.repeat(logits, g, axis=0)
