@@ -71,6 +71,9 @@ def build_scene_tokenizer(c, out_dir: str):
     for i in range(SCENE_CORPUS):
         item = scenes.make_item(spec, i)
         texts += [item.question, item.solution]
+        if i % 4 == 0:  # the warm start's scene descriptions (warmstart.describe_frac)
+            item = scenes.describe_item(spec, i)
+            texts += [item.question, item.solution]
     return build_bpe_tokenizer(out_dir, texts, vocab_size=SCENE_VOCAB,
                                extra_special=(*IMAGE_TOKENS, VIDEO_TOKEN),
                                name="build_scene_tokenizer")

@@ -178,17 +178,31 @@ def demo_texts(c, render) -> tuple[list[str], list[str]]:
 def scene_demos(c, render):
     """(prompts with the image placeholder, solutions, image row of each demonstration, the
     uint8 training images) of the scene task: `warmstart.steps * warmstart.batch_size`
-    demonstrations cycling through the training scenes in a seeded order."""
+    demonstrations cycling through the training scenes in a seeded order; a seeded
+    `warmstart.describe_frac` of them ask for the scene's description instead of its
+    question (`scenes.describe_item`)."""
     from migjax import experiment as ex
-    from migjax.data import visual
+    from migjax.data import scenes, visual
 
     n = c.warmstart.steps * c.warmstart.batch_size
     examples, images = ex.visual_examples(c, None, limit=None)
     mark = visual.placeholder(ex.image_token_count(c, ex.vision_config(c)))
-    order = np.random.default_rng([c.seed, 3]).permutation(len(examples))
+    rng = np.random.default_rng([c.seed, 3])
+    order = rng.permutation(len(examples))
     rows = np.asarray([order[i % len(examples)] for i in range(n)], np.int64)
-    return ([render(mark + examples[r].question) for r in rows],
-            [examples[r].solution for r in rows], rows, images)
+    describe = rng.random(n) < c.warmstart.describe_frac
+    spec, described = visual.scene_spec(c, "train"), {}
+    questions, solutions = [], []
+    for r, d in zip(rows.tolist(), describe, strict=True):
+        if d:
+            if r not in described:
+                described[r] = scenes.describe_item(spec, r)
+            questions.append(described[r].question)
+            solutions.append(described[r].solution)
+        else:
+            questions.append(examples[r].question)
+            solutions.append(examples[r].solution)
+    return [render(mark + q) for q in questions], solutions, rows, images
 
 
 def _vl_model(c, init, tokenizer, mesh, workdir):

@@ -112,3 +112,25 @@ def test_a_counting_jsonl_set_encodes_for_the_model(run, tmp_path):
             == tok.convert_tokens_to_ids("<|image_pad|>")).all()
     with pytest.raises(ValueError, match="clevr needs its split"):
         ex.visual_examples(c, "clevr:/some/root", limit=None)
+
+
+def test_describe_frac_turns_demonstrations_into_scene_descriptions():
+    from migjax.data import scenes, visual
+    from migjax.warmstart import scene_demos
+
+    c = helpers.make_config("scenes_tiny", {**OVERRIDES, "task.scenes.train_size": 16,
+                                            "warmstart.steps": 4})
+    counts = {}
+    for frac in (0.0, 0.5, 1.0):
+        c.warmstart.describe_frac = frac
+        prompts, solutions, rows, images = scene_demos(c, lambda q: q)
+        assert len(prompts) == 32 and images.shape[0] == 16
+        desc = [i for i, p in enumerate(prompts) if p.endswith("Name them from left to right.")]
+        counts[frac] = len(desc)
+        spec = visual.scene_spec(c, "train")
+        for i in desc:  # the description of the demonstration's own scene (and image)
+            want = scenes.describe_item(spec, int(rows[i]))
+            assert solutions[i] == want.solution
+            np.testing.assert_array_equal(images[rows[i]], want.image)
+            assert solutions[i].count("from the left is") == len(want.objects)
+    assert counts[0.0] == 0 and counts[1.0] == 32 and 0 < counts[0.5] < 32

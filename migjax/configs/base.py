@@ -198,6 +198,9 @@ def get_config() -> mlc.ConfigDict:
     # > 0: batches of similar-length demonstrations, sorted within windows of this many batches
     # and padded to their own longest row (faster); 0: the data order, padded to max_len
     c.warmstart.group_by_length = 0
+    # scene task: this fraction of the demonstrations describe their scene instead (every object
+    # from left to right, scenes.describe_item): supervision that needs the image
+    c.warmstart.describe_frac = 0.0
     c.warmstart.checkpoint_every = 200  # steps; a restarted warm start resumes (0 = never)
 
     c.eval = mlc.ConfigDict()

@@ -28,6 +28,7 @@ def get_config(variant: str = "mig"):
     c.sampler.max_new_tokens = 96
     c.eval.max_new_tokens = 128  # OOD scenes have more objects to list
     c.warmstart.steps = 800
+    c.warmstart.describe_frac = 0.5  # half the demonstrations name every object in the image
     c.warmstart.batch_size = 16
     c.warmstart.lr = 3e-3
     c.warmstart.max_len = 192

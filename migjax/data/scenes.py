@@ -553,6 +553,26 @@ def make_item(spec: SceneSpec, index: int) -> SceneItem:
                      image=image, objects=objects, qtype=qtype)
 
 
+def describe_item(spec: SceneSpec, index: int) -> SceneItem:
+    """The scene of `make_item(spec, index)` with a description question for the warm start:
+    "How many objects are there?", solved by naming every object from left to right, one step
+    each. Every step depends on the image, so these demonstrations teach the vision tower what
+    the scenes hold (an alignment stage, as captioning is for pretrained vision-language
+    models)."""
+    rng = np.random.default_rng([spec.seed, index])
+    objects = sample_scene(rng, spec)  # the same first draw as make_item's
+    ordered = sorted(objects, key=lambda o: o.u)
+    facts = [f"Object {k} from the left is {_mention(o)}." for k, o in enumerate(ordered, 1)]
+    facts.append(_that_is(len(objects)))
+    steps = tuple(f"Step {k}: {f}" for k, f in enumerate(facts, start=1))
+    answer = str(len(objects))
+    image = render_scene(objects, spec.width, spec.height, spec.supersample)
+    return SceneItem(id=f"scenes/{spec.condition}/{spec.seed}/{index}/describe",
+                     question="How many objects are there? Name them from left to right.",
+                     answer=answer, steps=steps, solution=_solution(steps, answer), image=image,
+                     objects=objects, qtype="describe")
+
+
 class SceneTask:
     """A deterministic, indexable collection of `size` scene items drawn from `spec`."""
 
