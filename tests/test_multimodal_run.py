@@ -134,3 +134,17 @@ def test_describe_frac_turns_demonstrations_into_scene_descriptions():
             np.testing.assert_array_equal(images[rows[i]], want.image)
             assert solutions[i].count("from the left is") == len(want.objects)
     assert counts[0.0] == 0 and counts[1.0] == 32 and 0 < counts[0.5] < 32
+
+
+def test_an_image_run_resumes_and_extends(run, capsys):
+    from migjax.trainer import train
+
+    c, workdir, _ = run
+    c = c.copy_and_resolve_references()
+    c.rl.steps = 3
+    summary = train(c, workdir)
+    assert summary["steps"] == 3
+    assert "resumed from checkpoint 2" in capsys.readouterr().out
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if "reward/correct" in line]
+    assert steps == [1, 2, 3]

@@ -311,3 +311,13 @@ def test_word_answers_compare_as_words(pred, ref, ok):
     """Words are not products of symbols: an anagram of the reference is wrong, case is not."""
     with Verifier(timeout_s=2.0) as v:
         assert v.verify(pred, [ref]) is ok
+
+
+@pytest.mark.parametrize("pred,refs,expected", [
+    ("three", ["3"], True), ("Three.", ["3"], True), ("two", ["3"], False),
+    ("Yes", ["yes"], True), ("no", ["yes"], False),
+    ("(B)", ["B"], True), ("B.", ["B"], True), ("b) the red one", ["B"], True),
+    ("(C)", ["B"], False), ("A", ["apple"], False), ("cylinder", ["cylinders"], False),
+])
+def test_visual_answers(verifier, pred, refs, expected):
+    assert verifier.verify(pred, refs) is expected

@@ -183,10 +183,14 @@ class Verifier:
             return bool(reply.get("ok"))
 
     def verify(self, pred: str | None, refs: Sequence[str]) -> bool:
-        """True when `pred` is equivalent to any reference string."""
+        """True when `pred` is equivalent to any reference string. Visual answers: a number
+        word up to twenty equals its digits ("three" and "3"), and against a single-letter
+        reference (a multiple-choice option) "(B)", "B.", "B)" and "B. the red one" read as
+        "B"."""
         if not isinstance(pred, str) or not pred.strip() or not refs:
             return False
         refs = [r for r in refs if isinstance(r, str) and r.strip()]
+        pred = visual_form(pred, refs)
         p_clean = clean(pred)
         if p_clean and any(p_clean == clean(r) for r in refs):
             return True
@@ -227,6 +231,24 @@ class Verifier:
 
 
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
+
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
+_CHOICE = re.compile(r"^\(?([A-Za-z])\)?(?:[.):]|\s|$)")
+
+
+def visual_form(pred: str, refs: Sequence[str]) -> str:
+    """`pred` with a number word as its digits, or a multiple-choice option as its letter
+    when every reference is one letter."""
+    word = pred.strip().rstrip(".").lower()
+    if word in NUMBER_WORDS:
+        return str(NUMBER_WORDS.index(word))
+    if refs and all(len(r.strip()) == 1 and r.strip().isalpha() for r in refs):
+        m = _CHOICE.match(pred.strip())
+        if m:
+            return m.group(1)
+    return pred
 
 
 def format_reward(
