@@ -29,6 +29,10 @@ def test_recipes_exist():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_recipe_and_variant_validates(name, variant):
     c = load(name, variant)
+    if c.task.kind not in ("arith", "scenes") and not c.task.train_path:  # a data root to give
+        with pytest.raises(ValueError, match="task.train_path"):
+            validate(c, 1)
+        c.task.train_path = "/some/data#trainA"
     if c.task.kind not in ("arith", "scenes") and not c.model.path:
         with pytest.raises(ValueError, match="model.path"):
             validate(c, 1)

@@ -148,3 +148,42 @@ def test_an_image_run_resumes_and_extends(run, capsys):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f if "reward/correct" in line]
     assert steps == [1, 2, 3]
+
+
+def write_clevr(root, split, n, rng):
+    """A CLEVR-format release fixture: questions/CLEVR_<split>_questions.json, images/<split>/."""
+    os.makedirs(root / "questions", exist_ok=True)
+    os.makedirs(root / "images" / split, exist_ok=True)
+    qs = []
+    for i in range(n):
+        name = f"CLEVR_{split}_{i:06d}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(
+            root / "images" / split / name)
+        qs.append({"question": f"How many cubes are there? ({i})", "answer": str(i % 3),
+                   "image_filename": name, "question_index": i, "split": split})
+    (root / "questions" / f"CLEVR_{split}_questions.json").write_text(
+        json.dumps({"questions": qs}))
+
+
+def test_the_real_checkpoint_recipe_runs_on_clevr_files(run, tmp_path):
+    """qwen25vl_clevr on CLEVR-format files, with the tiny warm-started Qwen2.5-VL directory
+    standing in for the real checkpoint."""
+    from migjax.trainer import train
+
+    _, workdir, _ = run
+    rng = np.random.default_rng(1)
+    root = tmp_path / "CLEVR_CoGenT_v1.0"
+    write_clevr(root, "trainA", 8, rng)
+    write_clevr(root, "valB", 4, rng)
+    c = helpers.make_config("qwen25vl_clevr", {
+        "model.path": os.path.join(workdir, "sft_model"), "model.dtype": "float32",
+        "model.remat": False, "task.train_path": f"{root}#trainA",
+        "task.eval": {"cogent_valB": f"clevr:{root}#valB"},
+        "task.image.height": 32, "task.image.width": 32, "task.max_prompt_len": 256,
+        "task.eval_limit": 4, "rl.steps": 1, "rl.batch_prompts": 4, "rl.group_size": 2,
+        "rl.minibatches": 1, "sampler.max_new_tokens": 16, "eval.batch_size": 4,
+        "eval.pass_k": 0, "log.progress": False, "log.tensorboard": False,
+        "log.samples_every": 0})
+    summary = train(c, str(tmp_path / "rl"))
+    assert summary["steps"] == 1 and "eval/cogent_valB/pass_at_1" in summary["after"]
+    assert summary["after"]["eval/cogent_valB/n"] == 4
