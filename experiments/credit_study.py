@@ -9,7 +9,7 @@ For each of the first `--n` GSM8K test problems whose solution has at least two 
 gets one corrupted step (chosen at random): the number after its last `=` is changed, so the
 step's arithmetic is wrong, and the error propagates: later steps that used that number use the
 wrong one. The reference answer stays the right one. Every trace is scored with the reward
-stage's segmentation and packed-probe pass, giving l_0..l_K and, with the watermark, g_1..g_K.
+stage's segmentation and probe pass, giving l_0..l_K and, with the watermark, g_1..g_K.
 
 Reported (results.json, results.md, credit_study.png in --out):
 - AUROC of "this step is the corrupted one" among the steps of the corrupted traces, for three

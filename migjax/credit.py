@@ -1,5 +1,5 @@
 """Step credit of given reasoning traces: the answer likelihoods l_k, the watermark h_k and the
-gains g_k of every step, computed by the segmentation and the packed-probe pass of training.
+gains g_k of every step, computed by the segmentation and the probe pass of training.
 
     python -m migjax.credit --model DIR --data traces.jsonl --out credit.jsonl [--html credit.html]
 

@@ -1,6 +1,6 @@
-"""Cost of the step likelihoods l_0..l_K: the fast packed-probe pass against the naive one forward
-per prefix, and against a GRPO update step (`migjax.update.make_update` with alpha = gamma = 0)
-on the same batch, for several step counts K.
+"""Cost of the step likelihoods l_0..l_K: the fast pass (the completion once, read by probe blocks)
+against the naive one forward per prefix, and against a GRPO update step
+(`migjax.update.make_update` with alpha = gamma = 0) on the same batch, for several step counts K.
 
     python scripts/bench_mig.py --model tiny --steps 4,8,16 --out bench_mig.json
     # the 0.5b shape on CPU (minutes; about 10 GB of memory for the update's AdamW state):

@@ -2,7 +2,7 @@
 than the sequence interleaved with global ones, separate local and global rope bases (and linear
 scaling on the global ones), query_pre_attn_scalar, q/k norms, the four norms per layer with
 Gemma's (1 + w), the scaled embedding and GeGLU. Logits (plain, left-padded and through the KV
-cache), greedy generation, the packed MIG probes against the naive passes, and export."""
+cache), greedy generation, the MIG probes against the naive passes, and export."""
 
 import jax
 import jax.numpy as jnp
@@ -133,9 +133,11 @@ def test_greedy_generation_matches_transformers(gemma):
     np.testing.assert_array_equal(np.asarray(ro.tokens_NxC)[0], hf[0, 6:])
 
 
-def test_packed_mig_probes_match_the_naive_passes(gemma):
-    """The packed probes carry their own positions: their window counts from the end of their
-    prefix, exactly as a plain forward over prompt + prefix_k + probe + answer."""
+def test_mig_probes_match_the_naive_passes(gemma):
+    """The probes carry their own positions: their window counts from the end of their prefix,
+    exactly as a plain forward over prompt + prefix_k + probe + answer, also on the sequence's
+    keys they read (probe blocks of 6 tokens, longer than the window; two answer variants, one
+    absent in the second row)."""
     _, model, _, _ = gemma
     rng = np.random.RandomState(4)
     n, p, c, k1 = 2, 5, 10, 4
@@ -145,8 +147,8 @@ def test_packed_mig_probes_match_the_naive_passes(gemma):
     mask = jnp.asarray(np.arange(c)[None] < np.array([[c], [8]]))
     cuts = jnp.asarray(np.array([[1, 4, 7, 10], [2, 5, 8, 8]], np.int32))
     probe = jnp.asarray(rng.randint(3, V, (3,)))
-    answer = jnp.asarray(rng.randint(3, V, (n, 1, 2)))
-    amask = jnp.ones((n, 1, 2), bool)
+    answer = jnp.asarray(rng.randint(3, V, (n, 2, 3)))
+    amask = jnp.asarray(np.arange(3)[None, None] < np.array([[3, 2], [1, 0]])[..., None])
     fast = nnx.jit(lambda m, *a: step_likelihoods(m, *a, chunk_size=8))(
         model, prompt, pmask, tokens, mask, cuts, probe, answer, amask)
     naive = step_likelihoods_naive(model, prompt, pmask, tokens, mask, cuts, probe, answer,

@@ -1,6 +1,7 @@
-"""Step-conditioned answer likelihoods: the fast packed-probe pass against the naive
-one-forward-per-prefix reference on random layouts, and against plain forwards over prefixes
-tokenised from text for real arithmetic demonstrations."""
+"""Step-conditioned answer likelihoods: the fast pass (the completion once, read by short probe
+blocks) against the naive one-forward-per-prefix reference on random layouts, which attention
+calls it makes, and against plain forwards over prefixes tokenised from text for real arithmetic
+demonstrations."""
 
 import functools
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from migjax.data.arith import ArithTask, arith_spec, format_prompt
 from migjax.data.tokenizer import build_arith_tokenizer, token_strings
 from migjax.models import PRESETS, merge
+from migjax.models import transformer as tr
 from migjax.models.scoring import token_logprobs
 from migjax.rewards.mig import (
     VARIANT_REDUCTIONS,
@@ -123,12 +125,11 @@ def test_fast_path_equals_naive_path(parts, fast, plain_logprobs, count_closing_
         np.testing.assert_allclose(got[how], want, atol=1e-5, rtol=0, err_msg=how)
 
 
-def test_fast_path_on_a_fixed_layout_is_not_trivial(parts, fast, plain_logprobs):
-    """One hand-made layout: every l_k is a mean of real log-probs (far from 0), l varies with k,
-    and it equals the naive path; an absent variant is ignored by every reduction."""
-    graphdef, params = parts
+def fixed_layout():
+    """One hand-made layout: left padding of 0, 2 and 4 prompt tokens, completions of 9, 5 and 7
+    tokens, repeated cuts, and an absent answer variant in row 1."""
     rng = np.random.RandomState(7)
-    lay = dict(
+    return dict(
         prompt_NxP=rng.randint(0, CFG.vocab_size, (N, P)).astype(np.int32),
         prompt_mask_NxP=np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]], bool),
         tokens_NxC=rng.randint(0, CFG.vocab_size, (N, C)).astype(np.int32),
@@ -139,7 +140,13 @@ def test_fast_path_on_a_fixed_layout_is_not_trivial(parts, fast, plain_logprobs)
         answer_mask_NxVxA=np.array([[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [0, 0, 0]],
                                     [[1, 1, 1], [1, 1, 0]]], bool),
     )
-    args = [jnp.asarray(lay[k]) for k in ARG_ORDER]
+
+
+def test_fast_path_on_a_fixed_layout_is_not_trivial(parts, fast, plain_logprobs):
+    """Every l_k is a mean of real log-probs (far from 0), l varies with k, and it equals the
+    naive path; an absent variant is ignored by every reduction."""
+    graphdef, params = parts
+    args = [jnp.asarray(fixed_layout()[k]) for k in ARG_ORDER]
     got = fast(*args, count_closing_tokens=False)
     naive = lambda how: np.asarray(step_likelihoods_naive(
         merge(graphdef, params), *args, variant_reduce=how, forward=plain_logprobs))
@@ -152,6 +159,42 @@ def test_fast_path_on_a_fixed_layout_is_not_trivial(parts, fast, plain_logprobs)
     # with two variants logsumexp >= max >= mean
     assert (got["logsumexp"][[0, 2]] >= got["max"][[0, 2]] - 1e-6).all()
     assert (got["max"][[0, 2]] >= got["mean"][[0, 2]] - 1e-6).all()
+
+
+def test_the_completion_is_one_causal_pass_and_the_probes_read_it(parts, plain_logprobs,
+                                                                   monkeypatch):
+    """Two attention calls per layer: the prompt + completion (S0 = P + C tokens) causally over
+    itself, through jax.nn.dot_product_attention when `attention_kernel` picks it (here its
+    "xla" implementation, as cuDNN needs a GPU), and the K1*V*W probe tokens over [N, M, S0 + M]
+    keys with the einsum; no mask covers sequence and probes together. l equals the naive path."""
+    graphdef, params = parts
+    calls, real = [], tr.attention
+
+    def spy(q, k, v, mask, scale=None, *, causal=False, implementation=None):
+        calls.append((mask.shape, causal, implementation))
+        return real(q, k, v, mask, scale, causal=causal, implementation=implementation)
+
+    monkeypatch.setattr(tr, "attention", spy)
+    monkeypatch.setattr(tr, "attention_kernel", lambda cfg, t, s: "xla")
+    args = [jnp.asarray(fixed_layout()[k]) for k in ARG_ORDER]
+    got = jax.jit(lambda p, *a: step_likelihoods(merge(graphdef, p), *a))(params, *args)
+    s0, m = P + C, K1 * NV * (Q + A)
+    assert calls == [((N, s0, s0), True, "xla"), ((N, m, s0 + m), False, None)]
+    want = step_likelihoods_naive(merge(graphdef, params), *args, forward=plain_logprobs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_fast_path_without_steps(parts, plain_logprobs):
+    """K = 0 (only l_0, every cut 0), one completion empty: the probes read the prompt alone."""
+    graphdef, params = parts
+    lay = fixed_layout()
+    lay["cuts_NxK1"] = np.zeros((N, 1), np.int32)
+    lay["mask_NxC"][1] = False
+    args = [jnp.asarray(lay[k]) for k in ARG_ORDER]
+    got = jax.jit(lambda p, *a: step_likelihoods(merge(graphdef, p), *a))(params, *args)
+    want = step_likelihoods_naive(merge(graphdef, params), *args, forward=plain_logprobs)
+    assert got.shape == (N, 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("how", VARIANT_REDUCTIONS)

@@ -1,6 +1,6 @@
 """The RL path with image prompts against `Qwen25VL.__call__` (itself checked against
 transformers in test_qwen25vl.py): scoring, the sampler (prefill with the image, decoding after
-it), the packed MIG probes, the encoded data's image layout, and our image preprocessing against
+it), the MIG probes, the encoded data's image layout, and our image preprocessing against
 transformers' Qwen2-VL image processor."""
 
 import dataclasses
@@ -127,7 +127,9 @@ def test_greedy_sampling_with_images_matches_step_by_step_decoding(vl):
     assert out.images.feats_NxMxD.shape[0] == 4  # repeated for the group
 
 
-def test_packed_probes_see_the_image(vl):
+def test_mig_probes_see_the_image(vl):
+    """l_k of the fast pass against the full model on prompt + prefix_k + probe + answer, and
+    other images give other l_k."""
     model, cfg = vl
     rng = np.random.default_rng(2)
     toks, mask = prompts(rng, 2, 16)
@@ -149,6 +151,10 @@ def test_packed_probes_see_the_image(vl):
                                 imgs[i:i + 1])[0]
             want[i, k] = np.mean([lp[len(row) - 3 + j, ans[i, 0, j]] for j in range(2)])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    other = features(model, cfg, toks, mask, images(np.random.default_rng(9), 2))
+    moved = mig.step_likelihoods(model.lm, toks, mask, comp, cmask, cuts, probe, ans, amask,
+                                 images=other)
+    assert np.abs(np.asarray(moved) - got).min() > 1e-4
 
 
 def test_image_layout_follows_trimming_and_names_a_bad_row():

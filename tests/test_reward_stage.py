@@ -75,7 +75,7 @@ def test_forced_think_prefix_keeps_steps_format_and_credit(case):
     streams, _, _ = credit(batch._replace(r_correct_N=jnp.asarray([1.0, 0.0, 1.0, 0.0])),
                            UpdateHParams(group_size=2))
     assert np.asarray(streams.mask_process_NxC).sum() > 0
-    # the fast packed-probe pass agrees with the naive one on these cuts
+    # the fast pass agrees with the naive one on these cuts
     naive, _ = run_stage(case, prompts, completions, prefix=PREFIX, fast=False)
     np.testing.assert_allclose(np.asarray(batch.l_NxK1), np.asarray(naive.l_NxK1), atol=2e-5)
     # without telling the stage about the prefix, nothing would be credited or formatted

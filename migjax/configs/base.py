@@ -59,9 +59,9 @@ def get_config() -> mlc.ConfigDict:
     c.model.init_from_sft = True
     c.model.dtype = "float32"  # parameter and compute dtype; "bfloat16" on GPU/TPU
     c.model.remat = False  # rematerialise layers in the backward pass (saves memory)
-    # causal attention (training, scoring, prefill): xla (einsum over the mask) | cudnn
-    # (jax.nn.dot_product_attention's cuDNN kernel: CUDA GPU, bfloat16/float16) | auto (cudnn
-    # where it applies, else xla); packed MIG probes and decoding always use xla
+    # causal attention (training, scoring, prefill, MIG's completion pass): xla (einsum over the
+    # mask) | cudnn (jax.nn.dot_product_attention's cuDNN kernel: CUDA GPU, bfloat16/float16) |
+    # auto (cudnn where it applies, else xla); MIG's probe blocks and decoding always use xla
     c.model.attn_impl = "xla"
     # shape of a model trained from scratch (used when path and preset are empty)
     c.model.scratch = mlc.ConfigDict(dict(hidden_size=128, intermediate_size=384, num_layers=4,
@@ -155,7 +155,7 @@ def get_config() -> mlc.ConfigDict:
     c.mig.advantage_mode = "trajectory"  # trajectory | stepwise
     c.mig.reward_to_go = False  # stepwise credit summed over later steps
     c.mig.decoupled = True  # process advantages on CoT tokens only, outcome on all
-    c.mig.fast = True  # packed-probe pass (False: naive reference, for checks only)
+    c.mig.fast = True  # completion once + probe blocks (False: naive reference, for checks)
 
     c.reward = mlc.ConfigDict()
     c.reward.w_format = 0.1  # r_out = r_correct + w_format * r_format

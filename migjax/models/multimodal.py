@@ -67,10 +67,18 @@ def decoder_inputs(model, tokens_NxT, pos_NxT, images: ImageFeatures | None):
     dt = jnp.dtype(model.cfg.dtype)
     x = model.embed[...].astype(dt)[tokens_NxT]
     x = x.at[jnp.arange(n)[:, None], images.index_NxM].set(images.feats_NxMxD.astype(dt))
-    rest = pos_NxT[:, p:] + images.delta_N[:, None]
     pos3 = jnp.concatenate([jnp.moveaxis(images.positions_NxPx3, -1, 0),
-                            jnp.broadcast_to(rest, (3, *rest.shape))], axis=2)
+                            text_positions(pos_NxT[:, p:], images)], axis=2)
     return x, pos3
+
+
+def text_positions(pos_NxT, images: ImageFeatures | None):
+    """Rope positions of text after the prompt at ordinary positions `pos_NxT`: those, or with
+    image prompts [3, N, T] positions p + delta on all three rows."""
+    if images is None:
+        return pos_NxT
+    rest = pos_NxT + images.delta_N[:, None]
+    return jnp.broadcast_to(rest, (3, *rest.shape))
 
 
 def repeat(images: ImageFeatures | None, g: int) -> ImageFeatures | None:

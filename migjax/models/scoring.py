@@ -4,8 +4,8 @@ backward pass (the fast path: the output head is most of a small model's FLOPs);
 chunked over the sequence, each chunk's logits recomputed in the backward pass, so full
 [N, T, V] logits never exist at once.
 
-It serves the MIG reward (packed answer probes with a custom mask), the old-policy and reference
-log-probs, and the loss.
+It serves the MIG reward (`chunked_logprobs` on the probe blocks' hidden states, and the naive
+reference's forwards), the old-policy and reference log-probs, and the loss.
 """
 
 from __future__ import annotations

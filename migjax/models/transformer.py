@@ -226,10 +226,12 @@ class Transformer(nnx.Module):
     def _norm(self, x, w):
         return rms_norm(x, w, self.cfg.rms_norm_eps, 1.0 if self.cfg.is_gemma else 0.0)
 
-    def _block(self, x, p, pos_NxT, mask_NxTxS, inv_freq, cache=None, kernel=None):
-        """One layer. mask_NxTxS and inv_freq are this layer's (see `_layer_inputs`). cache:
-        None, or (k, v, layer, index) with every layer's cache [L, ...]; the new keys and values
-        are written at (layer, slot index) and (k, v) returned. kernel: `attention`'s
+    def _block(self, x, p, pos_NxT, mask_NxTxS, inv_freq, cache=None, kernel=None, prefix=None):
+        """One layer: (x, kv). mask_NxTxS and inv_freq are this layer's (see `_layer_inputs`).
+        cache: None, or (k, v, layer, index) with every layer's cache [L, ...]; the new keys and
+        values are written at (layer, slot index) and kv is the updated (k, v); without a cache
+        kv is this layer's own keys and values [N, KVH, T, Dh]. prefix (without a cache): keys
+        and values [N, KVH, S0, Dh] placed before the T new ones (S = S0 + T). kernel: `attention`'s
         implementation (see `attention_kernel`)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         c = lambda a: a.astype(dt)
@@ -245,15 +247,17 @@ class Transformer(nnx.Module):
         sec = cfg.mrope_section
         q, k = apply_rope(q, pos_NxT, inv_freq, sec), apply_rope(k, pos_NxT, inv_freq, sec)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [N, KVH, T, Dh]
-        new_kv = None
+        new_kv = (k, v)
+        if prefix is not None:
+            k, v = (jnp.concatenate([a, b], axis=2) for a, b in zip(prefix, new_kv, strict=True))
         if cache is not None:
             ck, cv, layer, index = cache
             at = (layer, 0, 0, index, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             k, v, new_kv = ck[layer], cv[layer], (ck, cv)
-        o = attention(q, k, v, mask_NxTxS, cfg.attn_scale, causal=cache is None,
-                      implementation=kernel)
+        o = attention(q, k, v, mask_NxTxS, cfg.attn_scale,
+                      causal=cache is None and prefix is None, implementation=kernel)
         o = jnp.einsum("nthk,hkd->ntd", o, c(p["wo"]))
         x = x + (self._norm(o, p["post_attn_norm"]) if cfg.is_gemma else o)
         h = self._norm(x, p["mlp_norm"])
@@ -263,6 +267,14 @@ class Transformer(nnx.Module):
         m = jnp.einsum("ntf,fd->ntd", act * u, c(p["w_down"]))
         x = x + (self._norm(m, p["post_mlp_norm"]) if cfg.is_gemma else m)
         return x, new_kv
+
+    def _embed(self, tokens_NxT, embeds_NxTxD=None):
+        dt = jnp.dtype(self.cfg.dtype)
+        x = self.embed[...].astype(dt)[tokens_NxT] if embeds_NxTxD is None else \
+            embeds_NxTxD.astype(dt)
+        if self.cfg.is_gemma:
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dt)
+        return x
 
     def _layer_inputs(self, mask_NxTxS, q_at_NxT, k_at_NxS):
         """(per-layer xs, fn) where fn(xs) gives a layer's (mask, inv_freq): every layer the same,
@@ -299,15 +311,10 @@ class Transformer(nnx.Module):
         causal: `mask_NxTxS` is the causal mask over padded tokens that `causal_inputs` builds
         without a custom `attn_mask`, or that `cache_mask` builds; only such calls may go through
         `jax.nn.dot_product_attention` (`cfg.attn_impl`, see `attention_kernel`), with the same
-        mask (sliding windows included). Custom masks (packed MIG probes) and decoding steps
-        always take the einsum.
+        mask (sliding windows included). Custom masks and decoding steps always take the einsum.
         """
         cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        x = self.embed[...].astype(dt)[tokens_NxT] if embeds_NxTxD is None else \
-            embeds_NxTxD.astype(dt)
-        if cfg.is_gemma:
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+        x = self._embed(tokens_NxT, embeds_NxTxD)
         if cache is None:
             q_at, k_at = pos_NxT, pos_NxT
         else:
@@ -338,6 +345,33 @@ class Transformer(nnx.Module):
             (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
             cache = KVCache(ck, cv, cache.mask_NxS, cache.index + tokens_NxT.shape[1])
         return self._norm(x, self.final_norm[...]), cache
+
+    def hidden_with_probes(self, tokens_NxT, pos_NxT, mask_NxTxT, probe_NxM, probe_pos_NxM,
+                           probe_mask_NxMxU, *, embeds_NxTxD=None):
+        """Final-norm hidden states of a sequence [N, T, D] and of M probe tokens [N, M, D] that
+        read it, in one pass over the layers (for scoring: no rematerialisation).
+
+        The sequence attends by the causal `mask_NxTxT` of `causal_inputs`, as `hidden` with
+        causal=True (so through `jax.nn.dot_product_attention` where `cfg.attn_impl` says), and
+        never sees the probes. The probes attend by `probe_mask_NxMxU` over U = T + M keys: the
+        sequence's, then their own. Each layer's sequence keys and values are read as they are
+        made, so no cache of every layer is kept. Text probes (token embeddings); their positions
+        `probe_pos_NxM` are [N, M] or [3, N, M] like `pos_NxT`, and windows count in positions.
+        """
+        x, xp = self._embed(tokens_NxT, embeds_NxTxD), self._embed(probe_NxM)
+        key_at = jnp.concatenate([pos_NxT, probe_pos_NxM], axis=-1)
+        sliding_L, seq_in = self._layer_inputs(mask_NxTxT, pos_NxT, pos_NxT)
+        _, probe_in = self._layer_inputs(probe_mask_NxMxU, probe_pos_NxM, key_at)
+        kernel = attention_kernel(self.cfg, *mask_NxTxT.shape[1:])
+
+        def body(carry, xs):
+            (x, xp), (p, sliding) = carry, xs
+            x, kv = self._block(x, p, pos_NxT, *seq_in(sliding), kernel=kernel)
+            xp, _ = self._block(xp, p, probe_pos_NxM, *probe_in(sliding), prefix=kv)
+            return (x, xp), None
+
+        (x, xp), _ = jax.lax.scan(body, (x, xp), (self._layer_params(), sliding_L))
+        return self._norm(x, self.final_norm[...]), self._norm(xp, self.final_norm[...])
 
     def head(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""

@@ -1,5 +1,5 @@
-"""Step-conditioned answer likelihoods l_0..l_K (METHOD section 2): the fast packed-probe pass and
-the naive one-forward-per-prefix reference.
+"""Step-conditioned answer likelihoods l_0..l_K (METHOD section 2): the fast pass (the completion
+once, causally, read by short probe blocks) and the naive one-forward-per-prefix reference.
 
 l_k = mean over the reference answer's tokens of log pi(y*_t | prompt, steps 1..k, probe, y*_<t),
 where the probe (default "\\n</think>\\n<answer>") closes the CoT and opens the answer.
@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from migjax.models.multimodal import decoder_inputs
+from migjax.models.multimodal import decoder_inputs, text_positions
 from migjax.models.scoring import chunked_logprobs, token_logprobs
-from migjax.models.transformer import Transformer, positions_from_mask
+from migjax.models.transformer import Transformer, causal_inputs
 
 VARIANT_REDUCTIONS = ("max", "logsumexp", "mean")
 
@@ -43,72 +43,57 @@ def _probe_blocks(probe_Q, answer_NxVxA, answer_mask_NxVxA, k1, count_closing_to
     return rep(tok), rep(valid), rep(count.astype(bool))
 
 
-def packed_probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
-                        answer_mask_NxVxA, count_closing_tokens=False):
-    """The packed layout: prompt + completion, then one block (probe + answer variant) per (k, v).
+def probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA,
+                 count_closing_tokens=False):
+    """The probe blocks that read the sequence prompt + completion (S0 = P + C tokens): one block
+    (probe + answer variant, W = Q + A tokens) per (k, v), M = K1*V*W tokens in all.
 
     Block (k, v) attends to the prompt, the first cut_k completion tokens and itself, with position
-    ids continuing from the end of prefix k. Returns a dict of arrays; L = P + C + K1*V*(Q+A),
-    M = K1*V*(Q+A) (the block tokens whose log-probs are read).
+    ids continuing from the end of prefix k: `mask` [N, M, S0 + M] over the sequence's keys, then
+    the blocks'. Its first token is predicted by the sequence's hidden state at `first` (the last
+    token of prefix k), the others by the block token before them. Returns a dict of arrays.
     """
     n, p = prompt_mask_NxP.shape
-    c = mask_NxC.shape[1]
+    s0 = p + mask_NxC.shape[1]
     k1 = cuts_NxK1.shape[1]
     nv, a = answer_NxVxA.shape[1:]
-    q = probe_Q.shape[0]
-    w = q + a
-    s0 = p + c
-    main_valid = jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1).astype(bool)
-    main_pos = positions_from_mask(main_valid)
-    blk_tok, blk_valid, blk_count = _probe_blocks(probe_Q, answer_NxVxA, answer_mask_NxVxA, k1,
-                                                  count_closing_tokens)
+    w = probe_Q.shape[0] + a
     m = k1 * nv * w
+    main_valid = jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1).astype(bool)
+    tok, valid, count = (x.reshape(n, m) for x in _probe_blocks(
+        probe_Q, answer_NxVxA, answer_mask_NxVxA, k1, count_closing_tokens))
     prompt_len = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
-    off = jnp.arange(w)
     cut_M = jnp.broadcast_to(cuts_NxK1[:, :, None, None], (n, k1, nv, w)).reshape(n, m)
-    blk_pos = prompt_len[:, None, None, None] + cuts_NxK1[:, :, None, None] + off
-    blk_pos = jnp.broadcast_to(blk_pos, (n, k1, nv, w)).reshape(n, m)
-    blk_valid = blk_valid.reshape(n, m)
-
-    # Attention: main rows are causal over main keys; block rows see main keys before their cut
-    # and earlier tokens of their own block.
-    j_main = jnp.arange(s0)
-    main_rows = jnp.tril(jnp.ones((s0, s0), bool))[None] & main_valid[:, None, :]
-    main_rows = jnp.concatenate([main_rows, jnp.zeros((n, s0, m), bool)], axis=2)
-    see_main = (j_main[None, None, :] < (p + cut_M)[:, :, None]) & main_valid[:, None, :]
-    blk_id = jnp.arange(m) // w
-    blk_off = jnp.arange(m) % w
+    blk_id, blk_off = jnp.arange(m) // w, jnp.arange(m) % w
+    see_main = (jnp.arange(s0) < (p + cut_M)[:, :, None]) & main_valid[:, None, :]
     same = (blk_id[:, None] == blk_id[None, :]) & (blk_off[None, :] <= blk_off[:, None])
-    see_blk = same[None] & blk_valid[:, None, :]
-    blk_rows = jnp.concatenate([see_main, see_blk], axis=2)
-    attn = jnp.concatenate([main_rows, blk_rows], axis=1)
-
-    # Which hidden state predicts each block token: the previous block token, or for the first
-    # probe token the last token of prefix k.
-    idx = s0 + jnp.arange(m)
-    pred = jnp.where(blk_off[None] == 0, p + cut_M - 1, idx[None] - 1)
-    return dict(
-        blk_tok=blk_tok.reshape(n, m), valid=jnp.concatenate([main_valid, blk_valid], axis=1),
-        positions=jnp.concatenate([main_pos, blk_pos], axis=1), attn=attn, pred=pred,
-        count=blk_count.reshape(n, m) & blk_valid, shape=(n, k1, nv, w),
-    )
+    see_blk = (same[None] & valid[:, None, :]) | jnp.eye(m, dtype=bool)[None]
+    return dict(tok=tok, pos=prompt_len[:, None] + cut_M + blk_off,
+                mask=jnp.concatenate([see_main, see_blk], axis=2), first=p + cut_M - 1,
+                is_first=blk_off == 0, count=count & valid, shape=(n, k1, nv, w))
 
 
 def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC,
                      cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA, *,
                      variant_reduce="max", count_closing_tokens=False, chunk_size=256,
                      images=None):
-    """Fast path: l_NxK1 from one forward per completion over the packed probes (no gradient).
-    With `images` (image prompts) every probe sees the prompt with its image."""
-    lay = packed_probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
-                              answer_mask_NxVxA, count_closing_tokens)
+    """Fast path: l_NxK1 from one pass over the layers per completion (no gradient): the
+    sequence prompt + completion attends causally (`model.hidden_with_probes`, flash-eligible),
+    and the K1*V short probe blocks attend to its prefixes and to themselves. With `images`
+    (image prompts) every probe sees the prompt with its image."""
+    lay = probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
+                       answer_mask_NxVxA, count_closing_tokens)
     n, k1, nv, w = lay["shape"]
-    tokens = jnp.concatenate([prompt_NxP, tokens_NxC, lay["blk_tok"]], axis=1)
-    eye = jnp.eye(tokens.shape[1], dtype=bool)[None]
-    embeds, pos = decoder_inputs(model, tokens, lay["positions"], images)
-    h, _ = model.hidden(tokens, pos, lay["attn"] | eye, embeds_NxTxD=embeds)
-    h_pred = jnp.take_along_axis(h, lay["pred"][..., None], axis=1)
-    lp, _ = chunked_logprobs(h_pred, model.head(), lay["blk_tok"], chunk_size=chunk_size)
+    seq = jnp.concatenate([prompt_NxP, tokens_NxC], axis=1)
+    pos, mask = causal_inputs(seq, jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1))
+    embeds, pos = decoder_inputs(model, seq, pos, images)
+    h, h_blk = model.hidden_with_probes(seq, pos, mask, lay["tok"],
+                                        text_positions(lay["pos"], images), lay["mask"],
+                                        embeds_NxTxD=embeds)
+    h_first = jnp.take_along_axis(h, lay["first"][..., None], axis=1)
+    h_prev = jnp.pad(h_blk[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    h_pred = jnp.where(lay["is_first"][None, :, None], h_first, h_prev)
+    lp, _ = chunked_logprobs(h_pred, model.head(), lay["tok"], chunk_size=chunk_size)
     cnt = lay["count"]
     lp = jnp.where(cnt, lp, 0.0).reshape(n, k1, nv, w)
     denom = jnp.sum(cnt.reshape(n, k1, nv, w), axis=-1)

@@ -33,7 +33,7 @@ class MigRules:
 @functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
 def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
                 probe_Q, answer_NxVxA, answer_mask_NxVxA, images=None, *, rules: MigRules):
-    """l_NxK1 by the fast packed-probe pass (no gradient)."""
+    """l_NxK1 by the fast pass of `mig.step_likelihoods` (no gradient)."""
     return mig.step_likelihoods(
         merge(graphdef, params), prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC, cuts_NxK1,
         probe_Q, answer_NxVxA, answer_mask_NxVxA, variant_reduce=rules.variant_reduce,
