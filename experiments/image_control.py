@@ -6,8 +6,9 @@ prompts (seeded), and with one blank grey image for every prompt.
         --out experiments/results/scenes_tiny/image_control.json
 
 The model is WORKDIR/sft_model (the warm start) unless --model names another Qwen2.5-VL
-directory (e.g. an export of the RL policy); the config is the recipe's (`--config`, default
-scenes_tiny), so the evaluation sets are the run's. Prints a table and writes JSON.
+directory (e.g. `python -m migjax.export WORKDIR --out DIR` of the RL policy); the config is the
+run's own (WORKDIR/config.json), so the evaluation sets are the run's. Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--model", default="", help="default WORKDIR/sft_model")
-    p.add_argument("--config", default="scenes_tiny")
     p.add_argument("--out", default="")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -33,12 +33,12 @@ def main(argv=None) -> int:
 
     from migjax import experiment as ex
     from migjax import trainer
-    from migjax.configs.cli import load as load_config
+    from migjax.export import read_config
     from migjax.data.visual import ImageSet
     from migjax.evaluation import evaluate
     from migjax.rewards.verify import Verifier
 
-    c = load_config(a.config)
+    c = read_config(a.workdir)
     path = a.model or os.path.join(a.workdir, "sft_model")
     c.model.path = c.tokenizer_path = path
     mesh, tokenizer, graphdef, params, _ = ex.load_model_dir(c, path)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump({"model": path, "config": a.config, "seed": a.seed, "results": results},
+            json.dump({"model": path, "workdir": a.workdir, "seed": a.seed, "results": results},
                       f, indent=1)
     return 0
 

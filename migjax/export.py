@@ -21,6 +21,7 @@ import ml_collections as mlc
 from migjax import experiment as ex
 from migjax import trainer
 from migjax.checkpointing import Checkpointer
+from migjax.data.visual import is_visual
 from migjax.train_state import init_state, place_state
 
 
@@ -47,12 +48,16 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
         start = os.path.join(workdir, "sft_model") if trainer.uses_warmstart(c) else None
         if start and not os.path.isdir(start):
             raise FileNotFoundError(f"{start}: the run's warm start is missing")
-        _, params, mcfg = ex.build_model(c, tokenizer, mesh, start, workdir)
+        graphdef, params, mcfg = ex.build_model(c, tokenizer, mesh, start, workdir)
         state, _ = place_state(init_state(params, trainer.rl_optimizer(c)), mesh)
         state, _ = trainer.restore_state(ckpt, step, state)
     finally:
         ckpt.close()
-    return trainer.export_params(state.params, mcfg, workdir, tokenizer, out)
+    vision = None
+    if is_visual(c.task.kind):  # the frozen tower goes with the policy
+        vision = ex.build_vision(c, ex.packaged_model(start or c.model.path, workdir), tokenizer)
+    return trainer.export_params(state.params, mcfg, workdir, tokenizer, out, vision=vision,
+                                 graphdef=graphdef)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -187,3 +187,21 @@ def test_the_real_checkpoint_recipe_runs_on_clevr_files(run, tmp_path):
     summary = train(c, str(tmp_path / "rl"))
     assert summary["steps"] == 1 and "eval/cogent_valB/pass_at_1" in summary["after"]
     assert summary["after"]["eval/cogent_valB/n"] == 4
+
+
+def test_export_and_image_control_of_an_image_run(run, tmp_path):
+    from experiments import image_control
+    from migjax.export import export
+
+    _, workdir, _ = run
+    out = export(workdir, str(tmp_path / "hf"))
+    vis_sft, _, _ = params_of(os.path.join(workdir, "sft_model"))
+    vis_out, _, cfg = params_of(out)  # a Qwen2.5-VL directory, with the frozen tower
+    for k in vis_sft:
+        np.testing.assert_array_equal(np.asarray(vis_out[k]), np.asarray(vis_sft[k]))
+    assert image_control.main(["--workdir", workdir, "--model", out,
+                               "--out", str(tmp_path / "ic.json")]) == 0
+    with open(tmp_path / "ic.json") as f:
+        res = json.load(f)["results"]
+    assert set(res) == {f"{s}/{k}" for s in ("test", "ood") for k in ("own", "permuted", "blank")}
+    assert all(r["n"] == 4 for r in res.values())
