@@ -173,7 +173,7 @@ def completion_logprobs(model, batch: TrainBatch, chunk: int, temperature: float
     tokens = jnp.concatenate([batch.prompt_NxP, batch.tokens_NxC], axis=1)
     mask = jnp.concatenate([batch.prompt_mask_NxP, batch.mask_NxC], axis=1)
     lp, ent = token_logprobs(model, tokens, mask, chunk_size=chunk, temperature=temperature,
-                             with_entropy=True, images=batch.images)
+                             with_entropy=True, images=batch.images, first=p)
     return lp[:, p:], ent[:, p:]
 
 

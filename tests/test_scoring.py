@@ -89,6 +89,20 @@ def test_token_logprobs_equal_full_log_softmax(model_parts, batch, fns, referenc
     assert np.asarray(ent)[:, 1:][real].max() < np.log(CFG.vocab_size) - 0.5
 
 
+@pytest.mark.parametrize("first", [1, 3, 7])
+def test_first_scores_only_the_later_columns(model_parts, batch, fns, first):
+    graphdef, params = model_parts
+    full_lp, full_ent = fns["score"](params, *batch, 1.0)
+    lp, ent = jax.jit(lambda p, t, m: token_logprobs(merge(graphdef, p), t, m, chunk_size=CHUNK,
+                                                    with_entropy=True, first=first))(
+        params, *batch)
+    np.testing.assert_allclose(lp[:, first:], full_lp[:, first:], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(ent[:, first:], full_ent[:, first:], atol=1e-6, rtol=0)
+    assert np.all(np.asarray(lp[:, :first]) == 0.0)
+    with pytest.raises(ValueError, match="first=0"):
+        token_logprobs(merge(graphdef, params), *batch, first=0)
+
+
 # max_logits_bytes 0 forces the chunked, rematerialised path; None the one-block path
 @pytest.mark.parametrize("chunk_size,budget", [(1, 0), (4, 0), (5, 0), (12, 0), (64, 0),
                                                (5, None)])

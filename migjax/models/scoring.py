@@ -61,21 +61,26 @@ def _block_logprobs(h_NxTxD, w_DxV, targets_NxT, temperature, with_entropy):
 
 def token_logprobs(model: Transformer, tokens_NxT, attention_mask_NxT=None, *, positions_NxT=None,
                    attn_mask_NxTxT=None, chunk_size=256, temperature=1.0, with_entropy=False,
-                   max_logits_bytes=LOGITS_BUDGET_BYTES, images=None):
+                   max_logits_bytes=LOGITS_BUDGET_BYTES, images=None, first: int = 1):
     """Teacher-forced log-probs of each token given everything its predecessor may attend to.
 
     Returns (logp_NxT, entropy_NxT), float32, aligned with `tokens_NxT`: `logp[:, t]` is
     log p(tokens[:, t] | hidden state at t-1), and `entropy[:, t]` the entropy of that same
     distribution; column 0 has no predecessor and is 0. With a custom `attn_mask_NxTxT` (packed
     sequences) the predecessor of a token is simply the token before it in the packed layout.
-    `images` (`multimodal.ImageFeatures`): the image prompts the first columns hold.
+    `images` (`multimodal.ImageFeatures`): the image prompts the first columns hold. `first`
+    (>= 1, static): the first column scored; the output head runs on columns first.. only
+    (the update reads the completion's, TRL's `logits_to_keep`) and earlier columns are 0.
     """
+    if first < 1:
+        raise ValueError(f"token_logprobs: first={first} must be >= 1 (column 0 has no "
+                         "predecessor)")
     pos, mask = causal_inputs(tokens_NxT, attention_mask_NxT, positions_NxT, attn_mask_NxTxT)
     embeds, pos = decoder_inputs(model, tokens_NxT, pos, images)
     h, _ = model.hidden(tokens_NxT, pos, mask, embeds_NxTxD=embeds,
                         causal=attn_mask_NxTxT is None)
-    lp, ent = chunked_logprobs(h[:, :-1], model.head(), tokens_NxT[:, 1:], chunk_size=chunk_size,
-                               temperature=temperature, with_entropy=with_entropy,
-                               max_logits_bytes=max_logits_bytes)
-    zero = jnp.zeros((tokens_NxT.shape[0], 1), jnp.float32)
+    lp, ent = chunked_logprobs(h[:, first - 1:-1], model.head(), tokens_NxT[:, first:],
+                               chunk_size=chunk_size, temperature=temperature,
+                               with_entropy=with_entropy, max_logits_bytes=max_logits_bytes)
+    zero = jnp.zeros((tokens_NxT.shape[0], first), jnp.float32)
     return jnp.concatenate([zero, lp], axis=1), jnp.concatenate([zero, ent], axis=1)
