@@ -346,6 +346,9 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
         "perf/rollout_tok_s": n_new / max(t1 - t0, 1e-9),
         "perf/score_tok_s": n_tok / max(t2 - t1, 1e-9),
         "perf/update_tok_s": n_tok * c.rl.epochs / max(t3 - t2, 1e-9),
+        # seconds of each stage: sampling, the reward stage (verification, segmentation, the
+        # step-likelihood pass), the update
+        "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1, "perf/update_s": t3 - t2,
         "rollout/truncated_frac": float(np.mean(np.asarray(rollout.truncated_N))),
         "rollout/len": n_new / len(info["texts"]),
     })

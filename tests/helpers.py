@@ -25,7 +25,8 @@ STEP_METRICS = (
     "mig/zero_gain_step_frac", "mig/steps_per_completion", "mig/no_cot_frac", "adv/process_std",
     "adv/outcome_std", "adv/corr_process_outcome", "sft/pass_frac", "policy/clipfrac",
     "policy/entropy", "policy/approx_kl", "policy/sampler_trainer_logp_absdiff",
-    "perf/rollout_tok_s", "perf/score_tok_s", "perf/update_tok_s")
+    "perf/rollout_tok_s", "perf/score_tok_s", "perf/update_tok_s", "perf/rollout_s",
+    "perf/reward_s", "perf/update_s")
 LOSS_METRICS = ("loss/total", "loss/process", "loss/outcome", "loss/sft")
 
 

@@ -57,7 +57,8 @@ def check_run(workdir, rec, summary, *, steps, eval_names, pass_k, ckpt_steps):
         assert 0.0 <= r["mig/steps_per_completion"] <= 6.0
         assert r["mig/lK"] <= 0.0 and r["mig/l0"] <= 0.0  # log-likelihoods
         assert all(r[k] > 0 for k in ("perf/rollout_tok_s", "perf/score_tok_s",
-                                      "perf/update_tok_s"))
+                                      "perf/update_tok_s", "perf/rollout_s", "perf/reward_s",
+                                      "perf/update_s"))
         assert r["update/skipped"] == 0.0
     first, final = lines[0], lines[-1]  # evaluation before RL is logged at step 0
     assert first["step"] == 0 and {k: first[k] for k in eval_keys} == summary["before"]
