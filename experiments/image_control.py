@@ -33,9 +33,9 @@ def main(argv=None) -> int:
 
     from migjax import experiment as ex
     from migjax import trainer
-    from migjax.export import read_config
     from migjax.data.visual import ImageSet
     from migjax.evaluation import evaluate
+    from migjax.export import read_config
     from migjax.rewards.verify import Verifier
 
     c = read_config(a.workdir)

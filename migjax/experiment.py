@@ -16,8 +16,8 @@ from migjax.data.templates import render_prompt
 from migjax.data.tokenizer import build_arith_tokenizer, load_tokenizer
 from migjax.models import PRESETS, ModelConfig, Qwen25VL, init_model, load_pretrained, split
 from migjax.models.multimodal import IMAGE_TOKENS, VIDEO_TOKEN, ImageEncoder, grid_of
-from migjax.models.vision import VisionConfig
 from migjax.models.sharding import DEFAULT_RULES, make_mesh, param_shardings
+from migjax.models.vision import VisionConfig
 
 log = logging.getLogger(__name__)
 ARITH_VOCAB = 256

@@ -17,8 +17,8 @@ from migjax import experiment as ex
 from migjax import workdir as wd
 from migjax.checkpointing import Checkpointer, atomic_write_json
 from migjax.data.pipeline import make_iterator
-from migjax.data.visual import is_visual
 from migjax.data.tokenizer import token_strings
+from migjax.data.visual import is_visual
 from migjax.evaluation import evaluate
 from migjax.metrics import MetricsWriter, format_sample_table, is_rate
 from migjax.models.loading import save_params

@@ -79,9 +79,10 @@ def rollout_call(graphdef, params, vocab, a, key, group_size: int = 1):
 
 
 def bench_rollout(graphdef, params, vocab, a, key) -> float:
-    """New tokens/s of `sample` at gen_batch x (prompt_len + new_tokens), no stop tokens."""
-    run = rollout_call(graphdef, params, vocab, a, key)
-    return a.gen_batch * a.new_tokens / timed(run, a.reps)
+    """New tokens/s of `sample` at gen_batch x (prompt_len + new_tokens), `group_size` samples
+    per prompt sharing its prefill, no stop tokens."""
+    run = rollout_call(graphdef, params, vocab, a, key, group_size=a.group_size)
+    return a.gen_batch * a.group_size * a.new_tokens / timed(run, a.reps)
 
 
 def score_call(graphdef, params, vocab, a, key):
@@ -137,6 +138,8 @@ def main(argv=None):
                    "The size flags below override single entries.")
     for name in SHAPES["spec"]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--group-size", type=int, default=1,
+                   help="rollout samples per prompt (they share one prefill)")
     p.add_argument("--chunk", type=int, default=256, help="sequence chunk of the log-prob head")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward")
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -158,7 +161,8 @@ def main(argv=None):
     k_roll, k_score, k_upd = jax.random.split(jax.random.key(a.seed), 3)
 
     res = {"model": a.model, "params": n_params,
-           "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__}
+           "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
+           "gen_batch": a.gen_batch, "group_size": a.group_size}
     res["rollout_new_tok_s"] = sig(bench_rollout(graphdef, params, cfg.vocab_size, a, k_roll))
     dt = bench_score(graphdef, params, cfg.vocab_size, a, k_score)
     toks = a.score_batch * a.seq_len

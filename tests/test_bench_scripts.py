@@ -30,7 +30,7 @@ def runs(tmp_path_factory):
         "bench": [sys.executable, "scripts/bench.py", "--model", "tiny", "--shapes", "small",
                   "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "4",
                   "--score-batch", "2", "--train-batch", "2", "--seq-len", "32", "--reps", "1",
-                  "--out", str(d / "bench.json")],
+                  "--group-size", "2", "--out", str(d / "bench.json")],
         "mig": [sys.executable, "scripts/bench_mig.py", "--model", "tiny", "--steps", "2,3",
                 "--batch", "2", "--group-size", "2", "--prompt-len", "8", "--completion-len",
                 "40", "--answer-len", "2", "--probe-len", "3", "--reps", "1",
@@ -55,7 +55,7 @@ def test_bench_prints_one_json_object(runs):
     lines = [x for x in stdout.splitlines() if x.strip()]
     assert len(lines) == 1
     res = json.loads(lines[0])
-    assert set(res) == BENCH_KEYS | {"model", "params", "device", "jax"}
+    assert set(res) == BENCH_KEYS | {"model", "params", "device", "jax", "gen_batch", "group_size"}
     assert all(positive_finite(res[k]) for k in BENCH_KEYS)
     assert res["model"] == "tiny" and res["params"] == 123968
     assert json.loads((d / "bench.json").read_text()) == res
@@ -115,3 +115,20 @@ def test_rl_probe_measures_with_common_random_numbers(sft_model):
     # the length of 8 samples would differ under fresh sampling keys; here it must not
     keys += ("sampled_train_len",)
     assert all(r[k] == rows[0][k] for r in rows for k in keys)
+
+
+def test_bench_table_reads_what_bench_gpu_writes(runs, tmp_path):
+    """bench_gpu.sh's table from the files of real runs (the CPU ones above), one missing."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_table
+
+    bench = json.load(open(runs["bench"][1] / "bench.json"))
+    assert bench["group_size"] == 2 and bench["gen_batch"] == 2
+    for name in ("migjax_qwen2.5-0.5b", "hf_qwen2.5-0.5b", "rollout_b64"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(bench))
+    (tmp_path / "mig_k8.json").write_text(open(runs["mig"][1] / "mig.json").read())
+    out = bench_table.table(str(tmp_path))
+    assert "| qwen2.5-0.5b scoring tok/s (16 x 1024) |" in out and "| 1.00 |" in out
+    assert out.count("failed") >= 12  # the 1.5B files and rollout_b256 are missing
+    mig = json.load(open(runs["mig"][1] / "mig.json"))[0]
+    assert f"{100 * mig['mig_overhead_frac']:.1f}%" in out

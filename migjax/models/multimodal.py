@@ -23,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from migjax.models import merge, split
 from migjax.models.vision import VisionConfig, VisionTower, vision_layout
 
