@@ -13,9 +13,7 @@ import dataclasses
 import logging
 
 import numpy as np
-from PIL import Image
 
-from migjax.data import scenes
 from migjax.data.sources import Example, LoadStats
 from migjax.models.multimodal import IMAGE_TOKENS, ImageLayout, image_layout
 
@@ -37,6 +35,8 @@ def placeholder(n_tokens: int) -> str:
 def resize(image, height: int, width: int) -> np.ndarray:
     """uint8 [height, width, 3] of a PIL image, array or path (bicubic, as transformers'
     image processor resamples)."""
+    from PIL import Image
+
     if isinstance(image, str):
         with Image.open(image) as im:
             im = im.convert("RGB")
@@ -50,9 +50,11 @@ def resize(image, height: int, width: int) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
-def scene_spec(c, variant: str) -> scenes.SceneSpec:
+def scene_spec(c, variant: str):
     """The preset CoGenT split `variant` (train / test: condition A; ood: condition B with more
     objects) rendered at the run's image size, with `task.scenes.*` object counts."""
+    from migjax.data import scenes
+
     s = c.task.scenes
     lo, hi = (s.ood_objects if variant == "ood" else s.objects)
     return dataclasses.replace(scenes.scene_spec(variant), width=c.task.image.width,
@@ -61,6 +63,8 @@ def scene_spec(c, variant: str) -> scenes.SceneSpec:
 
 def scene_examples(c, variant: str, n: int) -> tuple[list[Example], np.ndarray]:
     """(examples with their worked solutions, uint8 images [n, H, W, 3]) of a scene split."""
+    from migjax.data import scenes
+
     task = scenes.SceneTask(scene_spec(c, variant), n)
     items = [task[i] for i in range(n)]
     return ([Example(id=it.id, question=it.question, answers=(it.answer,), solution=it.solution)
