@@ -12,8 +12,8 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-RECIPES = ("arith_tiny", "gsm8k_qwen", "math_qwen", "qwen25vl_clevr", "scenes_tiny",
-           "smollm2_gsm8k")
+RECIPES = ("arith_tiny", "gemma3_gsm8k", "gsm8k_qwen", "math_qwen", "qwen25vl_clevr",
+           "scenes_tiny", "smollm2_gsm8k")
 
 
 def data_root() -> str:
