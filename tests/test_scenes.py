@@ -306,3 +306,11 @@ def test_rendering_speed():
     item_ms = (time.perf_counter() - t0) / 20 * 1e3
     print(f"render 224x224 (ood, 11-13 objects): {render_ms:.2f} ms/image; "
           f"whole train item: {item_ms:.2f} ms")
+
+
+def test_single_object_scenes_get_questions():
+    spec = dataclasses.replace(scenes.scene_spec("train"), min_objects=1, max_objects=1, width=32,
+                               height=32)
+    items = [scenes.make_item(spec, i) for i in range(40)]
+    assert all(len(it.objects) == 1 and it.qtype != "spatial" for it in items)
+    assert len({it.qtype for it in items}) >= 2

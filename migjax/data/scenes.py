@@ -463,7 +463,7 @@ def _q_compare(rng, objects):
 
 def _q_spatial(rng, objects):
     candidates = [(o, f) for o in objects if (f := unique_filter(o, objects)) is not None]
-    if not candidates:
+    if not candidates or len(objects) < 2:  # a relation needs another object
         return None
     ref, ref_filt = _pick(rng, candidates)
     side = _pick(rng, ("left", "right"))
