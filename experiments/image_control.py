@@ -14,6 +14,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
         grey = np.full_like(imgs, 128)
         for cond, images in (("own", imgs), ("permuted", imgs[rng.permutation(len(imgs))]),
                              ("blank", grey)):
-            swapped = data.__class__(**{**data.__dict__,
-                                        "images": ImageSet(images, data.images.layout)})
+            swapped = dataclasses.replace(data, images=ImageSet(images, data.images.layout))
             res, _ = evaluate(graphdef, params, swapped, tokenizer, verifier, rules=rules,
                               batch_size=c.eval.batch_size, k=0,
                               key=jax.random.fold_in(jax.random.key(c.seed), trainer.EVAL),

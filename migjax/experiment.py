@@ -303,13 +303,11 @@ def visual_examples(c, kind_path: str | None, *, limit: int | None):
 def encode(c, tokenizer, examples, images=None) -> tuple[EncodedExamples, dict]:
     """Encoded examples; for an image task (`images` given) the prompts hold each image's
     placeholder tokens and the result its `ImageSet`."""
-    render = renderer(c, tokenizer)
-    vcfg = None
+    base, mark, vcfg = renderer(c, tokenizer), "", None
     if images is not None:
         vcfg = vision_config(c)
         mark = visual.placeholder(image_token_count(c, vcfg))
-        render = (lambda base: lambda q: base(mark + q))(render)
-    encoded, stats = encode_examples(examples, tokenizer, render=render,
+    encoded, stats = encode_examples(examples, tokenizer, render=lambda q: base(mark + q),
                                      max_prompt_len=c.task.max_prompt_len,
                                      max_answer_len=c.task.max_answer_len,
                                      max_variants=c.task.max_variants, overlong=c.task.overlong)

@@ -83,9 +83,19 @@ def sft_step(graphdef, optimizer, state: TrainState, tokens_NxT, mask_NxT, loss_
 
     def loss_fn(params):
         lp, _ = token_logprobs(merge(graphdef, params), tokens_NxT, mask_NxT)
-        m = loss_mask_NxT.astype(jnp.float32)
-        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+        return demo_nll(lp, loss_mask_NxT)
 
+    return _sft_update(state, loss_fn, optimizer)
+
+
+def demo_nll(logp_NxT, loss_mask_NxT):
+    """Mean negative log-likelihood over the demonstrations' loss tokens."""
+    m = loss_mask_NxT.astype(jnp.float32)
+    return -(logp_NxT * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def _sft_update(state: TrainState, loss_fn, optimizer):
+    """One guarded optimizer step on `loss_fn(params)`; returns (state, metrics)."""
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     state, ok = apply_if_finite(state, grads, loss, optimizer)
     return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
@@ -113,12 +123,9 @@ def vl_sft_step(graphdefs, grid, optimizer, state: TrainState, tokens_NxT, mask_
         img = ImageFeatures(feats, index, positions, jnp.zeros(tokens_NxT.shape[:1], jnp.int32))
         lp, _ = token_logprobs(merge(lm_graphdef, params["lm"]), tokens_NxT, mask_NxT,
                                images=img)
-        m = loss_mask_NxT.astype(jnp.float32)
-        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+        return demo_nll(lp, loss_mask_NxT)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    state, ok = apply_if_finite(state, grads, loss, optimizer)
-    return state, {"sft/loss": loss, "update/skipped": 1.0 - ok.astype(jnp.float32)}
+    return _sft_update(state, loss_fn, optimizer)
 
 
 def demonstrations(items, distracted_prob: float, seed: int) -> list[str]:
