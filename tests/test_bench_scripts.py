@@ -95,6 +95,23 @@ def test_arith_chains_prints_consistent_counts(sft_model):
     assert all(0 <= r["greedy_acc"] <= 1 and 0 <= r["extra_step"] <= 1 for r in rows)
 
 
+def test_bench_reward_times_each_part_of_the_stage(sft_model):
+    """scripts/bench_reward.py: one line per repetition and the medians; the stage's trimmed
+    likelihood pass computed the same l as the full one."""
+    cmd = [sys.executable, "scripts/bench_reward.py", "--model", sft_model, "--reps", "1",
+           "--config.rl.batch_prompts=2", "--config.rl.group_size=2",
+           "--config.task.arith.train_size=16", "--config.task.eval_limit=2",
+           "--config.sampler.max_new_tokens=48"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 2 and rows[-1]["median"] == rows[0]
+    parts = ("rollout", "decode", "segment", "verify", "likelihoods", "stage", "update")
+    assert all(positive_finite(rows[0][k]) for k in parts)
+    assert 0 < rows[0]["stage_share"] < 1 and rows[0]["max_abs_diff"] < 1e-4
+    assert rows[-1]["C"] == 48 and 1 <= rows[-1]["K1"] <= 7
+
+
 def test_rl_probe_measures_with_common_random_numbers(sft_model):
     """scripts/rl_probe.py: with lr 0 the parameters never move, so every measurement (the same
     sampling keys each time) must repeat the first exactly; --shuffle_rewards runs the control."""

@@ -9,7 +9,7 @@ from helpers import random_params
 from migjax.data.arith import ArithTask, arith_spec, format_prompt
 from migjax.data.tokenizer import build_arith_tokenizer, token_strings
 from migjax.models import PRESETS
-from migjax.rewards.stage import MigRules, RewardStage
+from migjax.rewards.stage import MigRules, RewardStage, scoring_shapes
 from migjax.rewards.verify import Verifier
 from migjax.types import Rollout
 from migjax.update import UpdateHParams, credit
@@ -96,3 +96,31 @@ def test_line_delimiters_pass_the_format_gate(case, delimiter):
     np.testing.assert_array_equal(np.asarray(batch.num_steps_N), [len(it.steps) for it in items])
     step_rule, _ = run_stage(case, prompts, completions, delimiter="step")
     assert not np.asarray(step_rule.r_format_N).any()
+
+
+def test_scoring_shapes_buckets_prefixes_and_columns():
+    cuts = np.array([[0, 5, 9, 9, 9, 9, 9], [0, 3, 3, 3, 3, 3, 3]], np.int32)
+    # two steps at most: 3 prefixes (a bucket of 2^i + 1); the largest cut 9 -> a quarter of 72
+    assert scoring_shapes(cuts, np.array([2, 1]), 72) == (3, 24)
+    assert scoring_shapes(cuts, np.array([4, 1]), 72) == (5, 24)
+    assert scoring_shapes(cuts, np.array([6, 1]), 72) == (7, 24)  # capped at max_steps + 1
+    assert scoring_shapes(np.minimum(cuts * 6, 72), np.array([6, 1]), 72) == (7, 72)
+    assert scoring_shapes(np.zeros((2, 7), np.int32), np.zeros(2), 72) == (2, 24)  # no CoT at all
+    assert scoring_shapes(cuts, np.array([2, 1]), 12) == (3, 12)  # never past the completion
+
+
+def test_trimmed_likelihood_pass_equals_the_full_one(case):
+    """Short chains, one completion without a CoT and padded columns past every cut: the stage
+    scores fewer prefixes and columns, and l_NxK1 still equals the naive pass on all K1."""
+    tok, items, _, _ = case
+    prompts = [format_prompt(it.question) for it in items]
+    completions = [it.solution for it in items]
+    completions[0] = "<answer>" + items[0].answer + "</answer>"  # no CoT
+    completions[1] = completions[1] + " and then some words after the answer " * 3
+    batch, info = run_stage(case, prompts, completions)
+    seg = info["seg"]
+    k1, cols = scoring_shapes(seg.cuts_NxK1, seg.num_steps_N, batch.tokens_NxC.shape[1])
+    assert k1 < seg.cuts_NxK1.shape[1] and cols < batch.tokens_NxC.shape[1]
+    assert np.asarray(batch.l_NxK1).shape == seg.cuts_NxK1.shape
+    naive, _ = run_stage(case, prompts, completions, fast=False)
+    np.testing.assert_allclose(np.asarray(batch.l_NxK1), np.asarray(naive.l_NxK1), atol=2e-5)

@@ -40,6 +40,19 @@ def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_
         count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk, images=images)
 
 
+def scoring_shapes(cuts_NxK1: np.ndarray, num_steps_N: np.ndarray, width: int) -> tuple[int, int]:
+    """(k1, columns) the step-likelihood pass needs for this batch: l_k for k > max K equals
+    l_K (cut_k = cut_K), and no probe reads a completion token past the largest cut. Both are
+    rounded up to a few buckets (k1 to 2^i + 1, columns to quarters of `width` in multiples of
+    8), so a run compiles the pass for a handful of shapes."""
+    k1_max = cuts_NxK1.shape[1]
+    need = int(num_steps_N.max(initial=0)) + 1
+    k1 = next(b for b in (2 ** i + 1 for i in range(32)) if b >= need)
+    quarter = -(-max(-(-width // 4), 8) // 8) * 8
+    cols = -(-max(int(cuts_NxK1.max(initial=0)), 1) // quarter) * quarter
+    return min(k1, k1_max), min(cols, width)
+
+
 class RewardStage:
     """Turns a rollout into a `TrainBatch`, plus the decoded texts for logging.
 
@@ -99,8 +112,12 @@ class RewardStage:
         args = (rollout.prompt_NxP, rollout.prompt_mask_NxP, rollout.tokens_NxC,
                 rollout.mask_NxC, jnp.asarray(seg.cuts_NxK1), self.probe_Q,
                 rep(answer_BxVxA), rep(answer_mask_BxVxA))
-        if self.rules.fast:
-            l_NxK1 = score_steps(graphdef, scorer_params, *args, rollout.images, rules=self.rules)
+        if self.rules.fast:  # on the columns and prefixes this batch needs (`scoring_shapes`)
+            k1, cols = scoring_shapes(seg.cuts_NxK1, seg.num_steps_N, rollout.tokens_NxC.shape[1])
+            l_NxK1 = score_steps(graphdef, scorer_params, args[0], args[1], args[2][:, :cols],
+                                 args[3][:, :cols], args[4][:, :k1], *args[5:], rollout.images,
+                                 rules=self.rules)
+            l_NxK1 = jnp.pad(l_NxK1, ((0, 0), (0, seg.cuts_NxK1.shape[1] - k1)), mode="edge")
         else:
             l_NxK1 = mig.step_likelihoods_naive(
                 merge(graphdef, scorer_params), *args, variant_reduce=self.rules.variant_reduce,
