@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 CHOICES = {
-    "mode": ("rl", "sft"),
+    "mode": ("rl", "sft", "eval"),
     "task.kind": ("arith", "gsm8k", "math", "svamp", "asdiv", "mawps", "jsonl", "scenes",
                   "clevr", "super_clevr", "counting_jsonl"),
     "task.overlong": ("skip", "truncate"),

@@ -97,7 +97,7 @@ def uses_warmstart(c) -> bool:
     """Whether the run trains (or reuses) the supervised warm start `WORKDIR/sft_model`: the
     supervised mode, and RL with `warmstart.steps > 0` and `model.init_from_sft` (a cold start of
     `model.path`, or of the scratch shape when it is empty)."""
-    return c.mode == "sft" or (c.model.init_from_sft and c.warmstart.steps > 0)
+    return c.mode == "sft" or (c.mode == "rl" and c.model.init_from_sft and c.warmstart.steps > 0)
 
 
 def restore_state(ckpt: Checkpointer, step: int | None, state: TrainState):
@@ -212,6 +212,9 @@ def _train(c, workdir: str) -> dict:
                                  tokenizer)
     say(f"data: {len(train_data)} training prompts; eval sets "
         f"{ {k: len(v) for k, v in evals.items()} }; {data_stats}")
+    if c.mode == "eval":
+        return _evaluate_only(c, workdir, graphdef, params, evals, tokenizer, verifier, mesh,
+                              vision, t_start)
 
     optimizer = rl_optimizer(c)
     state, shardings = place_state(init_state(params, optimizer), mesh)
@@ -307,11 +310,32 @@ def _train(c, workdir: str) -> dict:
         summary["export"] = export_params(state.params, mcfg, workdir, tokenizer,
                                           vision=vision, graphdef=graphdef)
     if pid == 0:
-        write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
-            [dict(r, reward=float(r["correct"]), section=f"evaluation set {name}")
-             for name, rs in rows.items() for r in rs[:16]],
-            title=f"Evaluation samples after {c.rl.steps} RL steps (greedy)"))
+        write_eval_html(workdir, rows, f"Evaluation samples after {c.rl.steps} RL steps (greedy)")
         atomic_write_json(summary_path, summary)
+    return summary
+
+
+def write_eval_html(workdir: str, rows: dict, title: str) -> None:
+    """WORKDIR/eval_samples.html: the first 16 greedy completions of each evaluation set."""
+    write_html(os.path.join(workdir, "eval_samples.html"), completions_html(
+        [dict(r, reward=float(r["correct"]), section=f"evaluation set {name}")
+         for name, rs in rows.items() for r in rs[:16]], title=title))
+
+
+def _evaluate_only(c, workdir, graphdef, params, evals, tokenizer, verifier, mesh, vision,
+                   t_start) -> dict:
+    """`mode="eval"`: the evaluation sets on `model.path` (or the preset) as RL would measure
+    them before its first step; summary.json holds them under "after", with "steps" 0."""
+    res, rows = run_evals(graphdef, params, evals, tokenizer, verifier, c, mesh, vision)
+    verifier.close()
+    summary = {"before": {}, "after": res, "steps": 0, "workdir": workdir,
+               "wall_s": time.time() - t_start}
+    if jax.process_index() == 0:
+        writer = MetricsWriter(workdir, tensorboard=c.log.tensorboard)
+        writer.write(0, {**res, "time/elapsed_s": summary["wall_s"]}, final=True)
+        writer.close()
+        write_eval_html(workdir, rows, "Evaluation samples (greedy)")
+        atomic_write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
@@ -406,7 +430,9 @@ def report(summary: dict) -> str:
 
     def cell(when, key):
         got = summary[when]
-        return f"{got.get(key, nan):.3f} +- {got.get(key + '_se', nan):.3f}"
+        if key not in got:
+            return "-"
+        return f"{got[key]:.3f} +- {got.get(key + '_se', nan):.3f}"
 
     lines = ["", f"{'evaluation':<22}{'before':<17}{'after':<17}n"]
     for key in sorted(k for k in summary["after"] if is_rate(k)):

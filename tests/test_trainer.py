@@ -160,6 +160,28 @@ def test_main_prints_before_after_table(tmp_path, sft_model, compile_cache):
     assert [r["step"] for r in read_lines(tmp_path)] == [0, 1, 2, 2]
 
 
+def test_eval_mode_measures_what_rl_measures_before_its_first_step(tmp_path, sft_model,
+                                                                  compile_cache):
+    """mode="eval" evaluates model.path with RL's evaluation keys and trains nothing, not even
+    the warm start a recipe asks for."""
+    ov = helpers.shrink("arith_tiny", model_path=sft_model, rl__steps=1)
+    rl, _ = run("arith_tiny", tmp_path / "rl", ov)
+    ov.update({"mode": "eval", "model.init_from_sft": True, "warmstart.steps": 3})
+    ev, rec = run("arith_tiny", tmp_path / "eval", ov)
+    assert ev["after"] == rl["before"] and ev["before"] == {} and ev["steps"] == 0
+    assert rec["steps"] == []
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+    assert not (tmp_path / "eval" / "sft_model").exists()
+    with open(tmp_path / "eval" / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["after"] == ev["after"]
+    lines = read_lines(tmp_path / "eval")
+    assert [r["step"] for r in lines] == [0]
+    assert {k: lines[0][k] for k in ev["after"]} == ev["after"]
+    assert (tmp_path / "eval" / "eval_samples.html").is_file()
+    table = trainer.report(ev)
+    assert re.search(r"^eval/test/pass_at_1\s+-\s+\d\.\d{3} \+- ", table, re.M), table
+
+
 GOOD = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
         ("A box holds 6 pens. How many pens are in 2 boxes?", "12"),
         ("Sara reads 5 pages a day for 3 days. How many pages does she read?", "15"),

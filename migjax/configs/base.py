@@ -49,7 +49,8 @@ RETIRED_VARIANTS = {
 def get_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0  # one seed; every random stream is fold_in(key(seed), stream, step)
-    c.mode = "rl"  # "rl" (MIG / GRPO) or "sft" (cross-entropy on demonstrations)
+    c.mode = "rl"  # "rl" (MIG / GRPO), "sft" (cross-entropy on demonstrations) or "eval" (the
+    # evaluation sets on model.path, no training: a model's numbers before any cold start)
 
     c.model = mlc.ConfigDict()
     c.model.path = ""  # Hugging Face model directory (config.json, *.safetensors, tokenizer)
