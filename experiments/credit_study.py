@@ -34,6 +34,7 @@ import numpy as np
 
 from migjax.data import demos
 from migjax.data.sources import load_examples
+from migjax.data.templates import DEFAULT_TEMPLATE
 
 _RESULT = re.compile(r"=\s*\$?(-?\d+(?:\.\d+)?)")
 # "a op b ... = c": the arithmetic left of the last "=" and its stated result
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=300, help="problems (each clean and corrupted)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", default="{question}", help="task.template")
+    p.add_argument("--template", default="{question}",
+                   help='task.template; "default": the RL recipes\' step-format instruction')
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--name", default="", help="the model's name in the report")
     a = p.parse_args(argv)
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
     traces = build_traces(a.data, a.n, a.seed)
     records = [dict(question=t["question"], steps=t["steps"], answer=t["answer"])
                for t in traces]
-    scored = compute_credit(a.model, records, batch_size=a.batch_size, template=a.template,
+    template = DEFAULT_TEMPLATE if a.template == "default" else a.template
+    scored = compute_credit(a.model, records, batch_size=a.batch_size, template=template,
                             use_chat_template=not a.no_chat_template)
     res = analyse(traces, scored)
     res.update(model=a.model, name=a.name or os.path.basename(os.path.normpath(a.model)),

@@ -45,3 +45,10 @@ def test_study_end_to_end_on_a_tiny_model(tmp_path, tiny_model):
     assert len(rows) == 12 and rows[0]["corrupted"] == -1 and rows[1]["corrupted"] >= 0
     assert all(len(r["l"]) == len(r["steps"]) + 1 for r in rows)
     assert os.path.getsize(out / "credit_study.png") > 1000
+    # --template default puts the RL recipes' step-format instruction before the question
+    out2 = tmp_path / "study_default"
+    assert cs.main(["--model", tiny_model, "--out", str(out2), "--n", "6", "--batch-size", "4",
+                    "--no-chat-template", "--template", "default"]) == 0
+    rows2 = [json.loads(x) for x in open(out2 / "traces.jsonl")]
+    assert [r["steps"] for r in rows2] == [r["steps"] for r in rows]
+    assert not np.allclose(rows2[0]["l"], rows[0]["l"])
