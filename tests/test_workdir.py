@@ -72,7 +72,10 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
     wd.check_resume(str(tmp_path), wd.config_record(c))  # the same config resumes
     allowed = helpers.make_config("arith_tiny", {"rl.steps": 99, "eval.every": 3,
                                                  "log.tensorboard": False,
-                                                 "checkpoint.export_hf": True})
+                                                 "checkpoint.export_hf": True,
+                                                 "checkpoint.every": 7,
+                                                 "warmstart.checkpoint_every": 9,
+                                                 "model.attn_impl": "auto"})
     wd.check_resume(str(tmp_path), wd.config_record(allowed))
     wider = helpers.make_config("arith_tiny", {"model.scratch.hidden_size": 8, "rl.steps": 5})
     with pytest.raises(wd.ConfigMismatchError,
