@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from migjax.models.config import REMAT_POLICIES
+
 CHOICES = {
     "mode": ("rl", "sft", "eval"),
     "task.kind": ("arith", "gsm8k", "math", "svamp", "asdiv", "mawps", "jsonl", "scenes",
@@ -19,6 +21,7 @@ CHOICES = {
     "loss.kl_estimator": ("k1", "k2", "k3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_impl": ("xla", "cudnn", "auto"),
+    "model.remat_policy": REMAT_POLICIES,
 }
 
 

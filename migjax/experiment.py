@@ -122,7 +122,7 @@ def scratch_config(c, tokenizer) -> ModelConfig:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
         param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat,
-        attn_impl=c.model.attn_impl)
+        remat_policy=c.model.remat_policy, attn_impl=c.model.attn_impl)
 
 
 def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None = None):
@@ -133,7 +133,8 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
         model, mcfg = load_pretrained(path, dtype=c.model.dtype, mesh=mesh)
         if isinstance(model, Qwen25VL):  # RL trains the language model; the tower is frozen
             model, mcfg = model.lm, mcfg.text
-        model.cfg = mcfg = mcfg.replace(remat=c.model.remat, attn_impl=c.model.attn_impl)
+        model.cfg = mcfg = mcfg.replace(remat=c.model.remat, remat_policy=c.model.remat_policy,
+                                        attn_impl=c.model.attn_impl)
         if len(tokenizer) > mcfg.vocab_size:
             raise ValueError(f"tokenizer at {c.tokenizer_path or path} has {len(tokenizer)} "
                              f"tokens but the model's vocab_size is {mcfg.vocab_size}")
@@ -146,7 +147,7 @@ def build_model(c, tokenizer, mesh, path: str | None = None, workdir: str | None
             vocab_size=max(PRESETS[c.model.preset].vocab_size, len(tokenizer)),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             param_dtype=c.model.dtype, dtype=c.model.dtype, remat=c.model.remat,
-            attn_impl=c.model.attn_impl)
+            remat_policy=c.model.remat_policy, attn_impl=c.model.attn_impl)
     else:
         mcfg = scratch_config(c, tokenizer)
     graphdef, params = split(init_model(mcfg, c.seed))
@@ -176,7 +177,8 @@ def vision_config(c, path: str | None = None) -> VisionConfig:
         temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
         fullatt_block_indexes=tuple(v.fullatt_block_indexes),
         out_hidden_size=c.model.scratch.hidden_size, param_dtype=c.model.dtype,
-        dtype=c.model.dtype, remat=c.model.remat)
+        dtype=c.model.dtype, remat=c.model.remat,
+        remat_policy=c.model.remat_policy)
 
 
 def image_grid(c, vcfg: VisionConfig) -> tuple[int, int, int]:

@@ -60,6 +60,7 @@ def get_config() -> mlc.ConfigDict:
     c.model.init_from_sft = True
     c.model.dtype = "float32"  # parameter and compute dtype; "bfloat16" on GPU/TPU
     c.model.remat = False  # rematerialise layers in the backward pass (saves memory)
+    c.model.remat_policy = "nothing"  # what such a layer keeps: nothing, or "dots" (projections)
     # causal attention (training, scoring, prefill, MIG's completion pass): xla (einsum over the
     # mask) | cudnn (jax.nn.dot_product_attention's cuDNN kernel: CUDA GPU, bfloat16/float16) |
     # auto (cudnn where it applies, else xla); MIG's probe blocks and decoding always use xla

@@ -24,6 +24,10 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # cudnn, jax.nn.dot_product_attention's cuDNN fused kernel (CUDA GPU, bfloat16/float16); auto,
 # cudnn where it applies and xla elsewhere.
 ATTN_IMPLS = ("xla", "cudnn", "auto")
+# What a rematerialised layer (`remat`) keeps for the backward pass: nothing (recompute the whole
+# layer: least memory), or the outputs of its matmuls without a batch dimension (the projections;
+# attention scores and element-wise work are recomputed: more memory, less recomputation).
+REMAT_POLICIES = ("nothing", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations (scores and losses are float32)
     remat: bool = False  # rematerialise each layer in the backward pass
+    remat_policy: str = "nothing"  # what a rematerialised layer keeps: one of REMAT_POLICIES
     attn_impl: str = "xla"  # one of ATTN_IMPLS; how this machine computes, not in config.json
     # Gemma 3 (model_type gemma3_text): local layers attend to the last `sliding_window`
     # positions and use rope base `rope_local_theta`; global layers use `rope_theta`
@@ -70,6 +75,9 @@ class ModelConfig:
             )
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r}; expected one of {ATTN_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of "
+                             f"{REMAT_POLICIES}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(
                     LAYER_TYPES):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from migjax.models.config import ModelConfig
+from migjax.models.config import REMAT_POLICIES, ModelConfig
 
 # Logical axes of every parameter, by name. Layer parameters carry a leading "layers" axis.
 PARAM_AXES = {
@@ -180,6 +180,14 @@ def attention_kernel(cfg: ModelConfig, t: int, s: int) -> str | None:
     return "cudnn"
 
 
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of `ModelConfig.remat_policy` (one of REMAT_POLICIES)."""
+    policies = {"nothing": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    assert set(policies) == set(REMAT_POLICIES)
+    return policies[name]
+
+
 def _init(rngs, shape, dtype, std=0.02):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
 
@@ -338,7 +346,7 @@ class Transformer(nnx.Module):
                 return (x, ck, cv), None
             xs = (layer_p, sliding_L, jnp.arange(cfg.num_layers))
         if cfg.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat_policy))
         if cache is None:
             x, _ = jax.lax.scan(body, x, xs)
         else:

@@ -42,7 +42,7 @@ from migjax.models.loading import (
     read_block,
     to_hf_layout,
 )
-from migjax.models.transformer import _init, attention, rms_norm
+from migjax.models.transformer import _init, attention, remat_policy, rms_norm
 
 # Logical axes of every parameter of the tower. Block parameters carry a leading "layers" axis.
 # "patch", "qkv", "merge_in", "merge_mlp" and "out_embed" have no default sharding rule
@@ -99,6 +99,7 @@ class VisionConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "nothing"  # see models.config.REMAT_POLICIES
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.head_dim % 4:
@@ -309,7 +310,7 @@ class VisionTower(nnx.Module):
             return self._block(x, p, ang_PxK, jnp.where(full, full_mask, win_mask)), None
 
         if cfg.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat_policy))
         x_PxD, _ = jax.lax.scan(body, x_PxD, (self._layer_params(), jnp.asarray(cfg.full_blocks)))
         h = rms_norm(x_PxD, self.merger_norm[...], cfg.rms_norm_eps)
         h_MxU = h.reshape(-1, cfg.hidden_size * cfg.merge_unit)
