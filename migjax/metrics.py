@@ -111,14 +111,14 @@ class WandbWriter:
 
 
 class MetricsWriter:
-    """Appends metrics to `workdir/metrics.jsonl` and, optionally, TensorBoard event files and
+    """Appends metrics to `workdir/metrics.jsonl` (or `filename`) and, optionally, TensorBoard event files and
     a Weights & Biases run (`wandb`: the W&B project and config; None: off)."""
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
-                 wandb: Mapping[str, Any] | None = None):
+                 wandb: Mapping[str, Any] | None = None, filename: str = METRICS_FILE):
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        self.path = os.path.join(self.workdir, METRICS_FILE)
+        self.path = os.path.join(self.workdir, filename)
         self._tensorboard = tensorboard
         self._tb = None
         self._wandb = None if wandb is None else WandbWriter(self.workdir, **wandb)

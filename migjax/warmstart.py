@@ -17,6 +17,8 @@ from migjax.models import merge
 from migjax.models.scoring import token_logprobs
 from migjax.train_state import TrainState, apply_if_finite
 
+SFT_METRICS = "sft_metrics.jsonl"  # WORKDIR/: the warm start's loss, one line per step
+
 
 def encode_demos(tokenizer, prompts: list[str], completions: list[str], max_len: int, *,
                  return_kept: bool = False):
@@ -251,6 +253,7 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
 
     from migjax import experiment as ex
     from migjax.checkpointing import Checkpointer
+    from migjax.metrics import MetricsWriter
     from migjax.models.loading import save_params
     from migjax.models.sharding import batch_sharding, gather
     from migjax.train_state import init_state, place_state
@@ -304,6 +307,10 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
     else:
         step_fn = make_sft_step(graphdef, optimizer, shardings)
         extra = lambda idx, width: ()
+    log = MetricsWriter(workdir, tensorboard=False, filename=SFT_METRICS) \
+        if jax.process_index() == 0 else None
+    if log is not None:
+        log.resume(start if start else -1)  # what the interrupted run logged past `start`
     bar = tqdm(range(start, w.steps), initial=start, total=w.steps, desc="sft warm start",
                disable=not c.log.progress or jax.process_index() != 0, dynamic_ncols=True)
     skips = 0
@@ -311,18 +318,25 @@ def run_warmstart(c, workdir: str, tokenizer, mesh) -> str:
         idx, width = batches[s % len(batches)]
         state, m = step_fn(state, put(tokens[idx, :width]), put(mask[idx, :width]),
                            put(loss_mask[idx, :width]), *extra(idx, width))
-        skips = skips + 1 if float(m["update/skipped"]) else 0
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if log is not None:
+            log.write(s + 1, m)
+        skips = skips + 1 if m["update/skipped"] else 0
         if skips >= c.optim.max_consecutive_skips:
             ckpt.close()
+            if log is not None:
+                log.close()
             raise FloatingPointError(
                 f"warm start step {s + 1}: {skips} consecutive non-finite updates "
                 f"(optim.max_consecutive_skips={c.optim.max_consecutive_skips}); last good "
                 f"checkpoint: {ckpt.latest_step()} in {ckpt.directory}")
         if s % 20 == 0 or s == w.steps - 1:
-            bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+            bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
         if w.checkpoint_every and (s + 1) % w.checkpoint_every == 0 and s + 1 < w.steps:
             ckpt.save(s + 1, state, {"step": s + 1})
     ckpt.close()
+    if log is not None:
+        log.close()
     host_params = jax.tree.map(gather, state.params)  # a collective when sharded across hosts
     if jax.process_index() == 0:
         for stale in (out + ".tmp", out):  # an interrupted save, a partial folder

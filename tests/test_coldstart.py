@@ -2,6 +2,7 @@
 delimiter), MATH500 never trained on, and a warm start of a Hugging Face model directory on GSM8K
 that checkpoints, resumes bit for bit and writes a model directory RL starts from."""
 
+import json
 import os
 
 import helpers
@@ -103,6 +104,12 @@ def test_cold_start_of_a_model_directory_resumes_and_feeds_rl(tmp_path, tiny_mod
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert any(not np.array_equal(a[k], base[k]) for k in a)
+    # the loss of every step, once: the resumed run dropped the step logged after checkpoint 2
+    logs = {r: [json.loads(x) for x in open(tmp_path / r / warmstart.SFT_METRICS)]
+            for r in ("a", "b")}
+    assert [x["step"] for x in logs["a"]] == [x["step"] for x in logs["b"]] == [1, 2, 3, 4]
+    assert [x["sft/loss"] for x in logs["a"]] == [x["sft/loss"] for x in logs["b"]]
+    assert all(np.isfinite(x["sft/loss"]) and x["update/skipped"] == 0 for x in logs["a"])
 
     # RL starts from the cold-started model by config: warmstart.steps > 0 and init_from_sft
     rl = dict(ov, **{"model.init_from_sft": True, "rl.steps": 1})
