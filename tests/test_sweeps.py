@@ -6,6 +6,7 @@ tabulates seeds and pairs."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,19 @@ def test_paired_statistics_by_hand():
                                "reward/correct")
     np.testing.assert_allclose(curve, [1, 1.5, 2, 2.5, 3, 4])  # trailing mean of 5
     assert report.steps_to(curve, 2.5) == 4 and report.steps_to(curve, 9) is None
+
+
+def test_report_with_another_sweep_takes_its_runs_in_these_regimes(tmp_path):
+    """An ablation report beside MIG's own points from the baseline sweep (committed runs):
+    only the regimes of this sweep, only the variants asked for."""
+    src = os.path.join(helpers.ROOT, "experiments", "results")
+    here = tmp_path / "abl"
+    shutil.copytree(os.path.join(src, "mig_ablations", "runs", "sparse", "coupled"),
+                    here / "runs" / "sparse" / "coupled")
+    base = os.path.join(src, "mig_vs_baselines")
+    text = report.report(str(here), [base], ["mig"])
+    assert "| mig | 5 |" in text and "| coupled |" in text
+    assert "grpo_matched" not in text and "Regime `default`" not in text
+    assert "--with " + base + " --variants mig" in text
+    wide = report.report(str(here), [base])
+    assert "| grpo_matched | 5 |" in wide and "Regime `default`" not in wide

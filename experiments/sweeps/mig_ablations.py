@@ -2,7 +2,8 @@
 matched GRPO differ most (see experiments/results/mig_vs_baselines).
 
     python -m experiments.launch experiments/sweeps/mig_ablations.py --commit
-    python -m experiments.report experiments/results/mig_ablations
+    python -m experiments.report experiments/results/mig_ablations \
+        --with experiments/results/mig_vs_baselines --variants mig,grpo_matched
 
 MIG's own points are those of mig_vs_baselines (same warm start, same seeds), which the report
 reads beside these. `h0_zero` needs probability space; `prob_space` alone separates that from
