@@ -180,6 +180,23 @@ def test_eval_mode_measures_what_rl_measures_before_its_first_step(tmp_path, sft
     assert (tmp_path / "eval" / "eval_samples.html").is_file()
     table = trainer.report(ev)
     assert re.search(r"^eval/test/pass_at_1\s+-\s+\d\.\d{3} \+- ", table, re.M), table
+    # the cold-start report reads the two workdirs: raw, "after the cold start" (RL's before), RL
+    from experiments import cold_start_report as csr
+    out = tmp_path / "report"
+    assert csr.main(["--raw", str(tmp_path / "eval"), "--run", str(tmp_path / "rl"), "--out",
+                     str(out), "--name", "tiny"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    p1 = lambda s: (s["eval/test/pass_at_1"], s["eval/test/pass_at_1_se"], 4)
+    assert tuple(res["pass_at_1"]["raw"]["test"]) == p1(ev["after"])
+    assert tuple(res["pass_at_1"]["cold_start"]["test"]) == p1(rl["before"])
+    assert tuple(res["pass_at_1"]["rl"]["test"]) == p1(rl["after"])
+    step1 = [r for r in read_lines(tmp_path / "rl") if "reward/correct" in r][0]
+    assert res["batch"]["reward/format"]["first"] == step1["reward/format"]
+    assert res["rl_steps"] == 1 and res["samples_per_step"] == 8
+    assert "| test greedy pass@1 |" in (out / "results.md").read_text()
+    assert (out / "run" / "metrics.jsonl").is_file() and (out / "raw" / "summary.json").is_file()
+    with pytest.raises(ValueError, match="not an evaluation-only run"):
+        csr.collect(str(tmp_path / "rl"), str(tmp_path / "rl"))
 
 
 GOOD = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
