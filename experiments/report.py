@@ -203,7 +203,8 @@ def regime_tables(regime: str, variants: list[str], runs: dict, keys: list[str])
 def _paired_text(r: dict | None) -> str:
     if r is None:
         return "-"
-    return f"{r['diff']:+.3f} +- {r['se']:.3f}, d_z {r['dz']:+.2f}, p {r['p']:.2f} (n={r['n']})"
+    dz = f", d_z {r['dz']:+.2f}" if math.isfinite(r["dz"]) else ""  # none when every seed ties
+    return f"{r['diff']:+.3f} +- {r['se']:.3f}{dz}, p {r['p']:.2f} (n={r['n']})"
 
 
 def plot(regime: str, variants: list[str], runs: dict, keys: list[str], path: str) -> None:

@@ -136,6 +136,10 @@ def test_paired_statistics_by_hand():
     assert r["dz"] == pytest.approx(d.mean() / d.std(ddof=1))
     assert r["p"] == pytest.approx(2 / 8)  # only all-positive and all-negative flips are as far
     assert report.paired({0: 1.0}, {0: 0.0}) is None
+    same = report.paired({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5})  # every seed +0.1: no spread
+    assert same["se"] == pytest.approx(0, abs=1e-12)
+    assert report._paired_text(same) == "+0.100 +- 0.000, p 0.50 (n=2)"
+    assert report._paired_text(r) == "+0.133 +- 0.033, d_z +2.31, p 0.25 (n=3)"
     curve = report.train_curve([{"step": s, "reward/correct": float(s)} for s in range(1, 7)],
                                "reward/correct")
     np.testing.assert_allclose(curve, [1, 1.5, 2, 2.5, 3, 4])  # trailing mean of 5
