@@ -350,14 +350,18 @@ def rl_step(c, step, graphdef, update_fn, state: TrainState, ref_params, it, dat
     pmask = to_global(np.asarray(data.mask_ExP[ids]), mesh)
     t0 = time.perf_counter()
     images = image_features(vision, data, mesh)
+    # MIG's likelihood pass reads the sampler's KV cache when the policy scores (text prompts)
+    reuse = c.mig.fast and c.mig.scorer == "policy" and images is None
     rollout = sample(graphdef, state.params, toks, pmask, key, rules=rules, group_size=g,
-                     images=None if images is None else images(ids))
+                     images=None if images is None else images(ids), return_cache=reuse)
+    rollout, cache = rollout if reuse else (rollout, None)
     rollout = jax.tree.map(gather, rollout)
     t1 = time.perf_counter()
     refs = [data.answers[i] for i in ids]
     scorer = ref_params if c.mig.scorer == "reference" else state.params
     batch, info = stage(graphdef, scorer, rollout, data.answer_ExVxA[ids],
-                        data.answer_mask_ExVxA[ids], refs, g)
+                        data.answer_mask_ExVxA[ids], refs, g, cache=cache)
+    del cache  # freed before the update
     batch = jax.tree.map(lambda x: to_global(gather(x), mesh), batch)
     jax.block_until_ready(batch.l_NxK1)
     t2 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Where the reward stage's time goes: decode, segmentation, verification and the step-likelihood
 pass, timed apart on real rollouts of a model, beside the rollout and the update. `likelihoods`
 is the pass on the rollout's full shapes; `stage` the whole stage as the trainer runs it (the
-pass on the prefixes and columns the batch needs, `rewards.stage.scoring_shapes`), and
+probe blocks of the prefixes the batch needs, `rewards.stage.scoring_shapes`, reading the
+sampler's KV cache), and
 `max_abs_diff` how far its l_NxK1 is from the full pass's (a check, not a timing).
 
     python scripts/bench_reward.py --model WARMSTART/sft_model [--reps 5] \
@@ -60,9 +61,9 @@ def main(argv):
     for rep in range(_REPS.value + 1):
         ids = next(it).example_id_B
         t = [time.perf_counter()]
-        ro = sample(graphdef, state.params, jnp.asarray(train.tokens_ExP[ids]),
-                    jnp.asarray(train.mask_ExP[ids]), jax.random.key(rep), rules=rules,
-                    group_size=g)
+        ro, cache = sample(graphdef, state.params, jnp.asarray(train.tokens_ExP[ids]),
+                           jnp.asarray(train.mask_ExP[ids]), jax.random.key(rep), rules=rules,
+                           group_size=g, return_cache=True)
         ro = jax.tree.map(np.asarray, ro)
         t.append(time.perf_counter())
         texts = stage.texts(ro.tokens_NxC, ro.mask_NxC)
@@ -80,7 +81,8 @@ def main(argv):
         jax.block_until_ready(l_NxK1)
         t.append(time.perf_counter())
         batch, _ = stage(graphdef, state.params, ro, train.answer_ExVxA[ids],
-                         train.answer_mask_ExVxA[ids], [train.answers[i] for i in ids], g)
+                         train.answer_mask_ExVxA[ids], [train.answers[i] for i in ids], g,
+                         cache=cache)
         jax.block_until_ready(batch.l_NxK1)
         t.append(time.perf_counter())
         state, m = update_fn(state, batch, None)

@@ -211,11 +211,12 @@ def recording(exit_at_step: int | None = None):
     orig_step, orig_sample = trainer.rl_step, trainer.sample
 
     def sample(*args, **kw):
-        rollout = orig_sample(*args, **kw)
+        out = orig_sample(*args, **kw)
+        rollout = out[0] if kw.get("return_cache") else out  # (rollout, cache) for MIG
         toks = host_value(rollout.tokens_NxC) * host_value(rollout.mask_NxC)
         rec["tokens"].append(toks.tolist())
         rec["token_digests"].append(digest({"tokens": toks}))
-        return rollout
+        return out
 
     def rl_step(c, step, *args, **kw):
         if exit_at_step is not None and step + 1 == exit_at_step:

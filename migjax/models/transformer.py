@@ -381,6 +381,27 @@ class Transformer(nnx.Module):
         (x, xp), _ = jax.lax.scan(body, (x, xp), (self._layer_params(), sliding_L))
         return self._norm(x, self.final_norm[...]), self._norm(xp, self.final_norm[...])
 
+    def probes_on_cache(self, cache: KVCache, key_pos_NxS, probe_NxM, probe_pos_NxM,
+                        probe_mask_NxMxU):
+        """Final-norm hidden states [N, M, D] of M text probe tokens that read the keys and
+        values already in `cache` (every layer's, e.g. the sampler's after decoding) and their
+        own: `probe_mask_NxMxU` over U = S + M keys, the cache's S slots then the probes'.
+        `key_pos_NxS` are the slots' positions (sliding windows count in them); nothing is
+        written to the cache."""
+        xp = self._embed(probe_NxM)
+        key_at = jnp.concatenate([key_pos_NxS, probe_pos_NxM], axis=-1)
+        sliding_L, probe_in = self._layer_inputs(probe_mask_NxMxU, probe_pos_NxM, key_at)
+        if sliding_L is None:
+            sliding_L = jnp.zeros(self.cfg.num_layers, bool)
+
+        def body(xp, xs):
+            p, sliding, ck, cv = xs
+            xp, _ = self._block(xp, p, probe_pos_NxM, *probe_in(sliding), prefix=(ck, cv))
+            return xp, None
+
+        xp, _ = jax.lax.scan(body, xp, (self._layer_params(), sliding_L, cache.k, cache.v))
+        return self._norm(xp, self.final_norm[...])
+
     def head(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""
         if self.cfg.tie_word_embeddings:

@@ -13,7 +13,7 @@ import numpy as np
 
 from migjax.models.multimodal import decoder_inputs, text_positions
 from migjax.models.scoring import chunked_logprobs, token_logprobs
-from migjax.models.transformer import Transformer, causal_inputs
+from migjax.models.transformer import KVCache, Transformer, causal_inputs, positions_from_mask
 
 VARIANT_REDUCTIONS = ("max", "logsumexp", "mean")
 
@@ -97,6 +97,55 @@ def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC
     cnt = lay["count"]
     lp = jnp.where(cnt, lp, 0.0).reshape(n, k1, nv, w)
     denom = jnp.sum(cnt.reshape(n, k1, nv, w), axis=-1)
+    l_NxK1xV = jnp.sum(lp, axis=-1) / jnp.maximum(denom, 1)
+    valid_v = jnp.any(answer_mask_NxVxA, axis=-1)
+    return jax.lax.stop_gradient(reduce_variants(l_NxK1xV, valid_v, variant_reduce))
+
+
+def step_likelihoods_on_cache(model: Transformer, cache: KVCache, prompt_NxP, prompt_mask_NxP,
+                              tokens_NxC, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
+                              answer_mask_NxVxA, *, variant_reduce="max",
+                              count_closing_tokens=False, chunk_size=256):
+    """`step_likelihoods` without running the completion again: the probe blocks read the keys
+    and values the sampler left in `cache` (`sample(..., return_cache=True)`, made with the same
+    parameters). A text-only path.
+
+    The cache holds no hidden state, so block (k, v) starts with the last token of prefix k
+    again (the completion's token cut_k - 1, or the prompt's last for cut_k = 0) at its own
+    position, attending to the cache slots before it; its output predicts the probe's first
+    token, as the sequence's hidden state there does in `step_likelihoods`."""
+    n, p = prompt_NxP.shape
+    c = tokens_NxC.shape[1]
+    k1 = cuts_NxK1.shape[1]
+    nv, a = answer_NxVxA.shape[1:]
+    w = 1 + probe_Q.shape[0] + a
+    m = k1 * nv * w
+    s = cache.k.shape[3]
+    if s != p + c:
+        raise ValueError(f"cache of {s} slots for a prompt of {p} and a completion of {c} columns")
+    blk, valid, count = _probe_blocks(probe_Q, answer_NxVxA, answer_mask_NxVxA, k1,
+                                      count_closing_tokens)  # [N, K1, V, W - 1]
+    last_k = jnp.where(cuts_NxK1 > 0,
+                       jnp.take_along_axis(tokens_NxC, jnp.maximum(cuts_NxK1 - 1, 0), axis=1),
+                       prompt_NxP[:, -1:])  # [N, K1]
+    lead = lambda x, rest: jnp.concatenate(  # one column before each block's tokens
+        [jnp.broadcast_to(x, (n, k1, nv, 1)).astype(rest.dtype), rest], -1).reshape(n, m)
+    tok = lead(last_k[:, :, None, None], blk)
+    valid, count = lead(jnp.asarray(True), valid), lead(jnp.asarray(False), count)
+    prompt_len = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
+    cut_M = jnp.broadcast_to(cuts_NxK1[:, :, None, None], (n, k1, nv, w)).reshape(n, m)
+    blk_id, blk_off = jnp.arange(m) // w, jnp.arange(m) % w
+    slot_valid = jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1).astype(bool)
+    see_cache = (jnp.arange(s) < (p + cut_M - 1)[:, :, None]) & slot_valid[:, None, :]
+    same = (blk_id[:, None] == blk_id[None, :]) & (blk_off[None, :] <= blk_off[:, None])
+    see_blk = (same[None] & valid[:, None, :]) | jnp.eye(m, dtype=bool)[None]
+    key_pos = positions_from_mask(jnp.concatenate([prompt_mask_NxP, jnp.ones_like(mask_NxC)], 1))
+    h = model.probes_on_cache(cache, key_pos, tok, prompt_len[:, None] + cut_M - 1 + blk_off,
+                              jnp.concatenate([see_cache, see_blk], axis=2))
+    h_pred = jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))  # token j from the block's j - 1
+    lp, _ = chunked_logprobs(h_pred, model.head(), tok, chunk_size=chunk_size)
+    lp = jnp.where(count, lp, 0.0).reshape(n, k1, nv, w)
+    denom = jnp.sum(count.reshape(n, k1, nv, w), axis=-1)
     l_NxK1xV = jnp.sum(lp, axis=-1) / jnp.maximum(denom, 1)
     valid_v = jnp.any(answer_mask_NxVxA, axis=-1)
     return jax.lax.stop_gradient(reduce_variants(l_NxK1xV, valid_v, variant_reduce))

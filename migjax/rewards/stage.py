@@ -40,6 +40,17 @@ def score_steps(graphdef, params, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_
         count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk, images=images)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules"))
+def score_steps_on_cache(graphdef, params, cache, prompt_NxP, prompt_mask_NxP, tokens_NxC,
+                         mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA, *,
+                         rules: MigRules):
+    """l_NxK1 by `mig.step_likelihoods_on_cache`: the probe blocks read the sampler's cache."""
+    return mig.step_likelihoods_on_cache(
+        merge(graphdef, params), cache, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC,
+        cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA, variant_reduce=rules.variant_reduce,
+        count_closing_tokens=rules.count_closing_tokens, chunk_size=rules.chunk)
+
+
 def scoring_shapes(cuts_NxK1: np.ndarray, num_steps_N: np.ndarray, width: int) -> tuple[int, int]:
     """(k1, columns) the step-likelihood pass needs for this batch: l_k for k > max K equals
     l_K (cut_k = cut_K), and no probe reads a completion token past the largest cut. Both are
@@ -99,10 +110,12 @@ class RewardStage:
                                    delimiter=self.rules.delimiter, prefix=self.prefix)
 
     def __call__(self, graphdef, scorer_params, rollout: Rollout, answer_BxVxA,
-                 answer_mask_BxVxA, refs_B: list[tuple[str, ...]], group_size: int):
+                 answer_mask_BxVxA, refs_B: list[tuple[str, ...]], group_size: int, cache=None):
         """(TrainBatch, info) for the rollout of B prompts whose reference answers are
         `answer_BxVxA` (tokens) and `refs_B` (strings); info holds texts, predictions and the
-        segmentation."""
+        segmentation. `cache`: the sampler's KV cache of this rollout, made with
+        `scorer_params` (`sample(..., return_cache=True)`); with it the step likelihoods read
+        the completions' keys and values instead of computing them again (text prompts)."""
         seg = self.segment(rollout)
         texts = self.texts(rollout.tokens_NxC, rollout.mask_NxC)
         refs_N = [refs_B[i // group_size] for i in range(len(texts))]
@@ -112,7 +125,10 @@ class RewardStage:
         args = (rollout.prompt_NxP, rollout.prompt_mask_NxP, rollout.tokens_NxC,
                 rollout.mask_NxC, jnp.asarray(seg.cuts_NxK1), self.probe_Q,
                 rep(answer_BxVxA), rep(answer_mask_BxVxA))
-        if self.rules.fast:  # on the columns and prefixes this batch needs (`scoring_shapes`)
+        if self.rules.fast and cache is not None and rollout.images is None:
+            # the probes read the sampler's cache: one shape per run (no recompiles)
+            l_NxK1 = score_steps_on_cache(graphdef, scorer_params, cache, *args, rules=self.rules)
+        elif self.rules.fast:  # on the columns and prefixes this batch needs (`scoring_shapes`)
             k1, cols = scoring_shapes(seg.cuts_NxK1, seg.num_steps_N, rollout.tokens_NxC.shape[1])
             l_NxK1 = score_steps(graphdef, scorer_params, args[0], args[1], args[2][:, :cols],
                                  args[3][:, :cols], args[4][:, :k1], *args[5:], rollout.images,

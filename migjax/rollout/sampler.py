@@ -90,12 +90,17 @@ def _stopped(tokens_NxC, i, tok_N, rules: SamplingRules):
     return stop
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rules", "group_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules", "group_size", "return_cache"))
 def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
            rules: SamplingRules, group_size: int = 1,
-           images: ImageFeatures | None = None) -> Rollout:
+           images: ImageFeatures | None = None, return_cache: bool = False):
     """Samples `group_size` completions per left-padded prompt. Deterministic for a given key.
-    `images`: the prompts' image features (`migjax.models.multimodal`), B rows."""
+    `images`: the prompts' image features (`migjax.models.multimodal`), B rows.
+
+    Returns the `Rollout`; with `return_cache`, (rollout, cache): the KV cache of the N samples,
+    where slot s < P holds prompt column s and slot P + j completion column j for every column
+    before a sample's last (the last sampled token is never fed back). MIG's step likelihoods
+    read it instead of running the completion again (`rewards.mig.step_likelihoods_on_cache`)."""
     model = merge(graphdef, params)
     cfg = model.cfg
     b, p = prompt_BxP.shape
@@ -144,7 +149,7 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
     cols = jnp.arange(c)[None]
     mask = cols <= stop_col[:, None]
     truncated = stop_col >= c
-    return Rollout(
+    rollout = Rollout(
         prompt_NxP=jnp.repeat(prompt_BxP, g, axis=0),
         prompt_mask_NxP=jnp.repeat(mask_p, g, axis=0),
         tokens_NxC=jnp.where(mask, s.tokens_NxC, rules.pad_id),
@@ -153,6 +158,7 @@ def sample(graphdef: nnx.GraphDef, params, prompt_BxP, prompt_mask_BxP, key, *,
         truncated_N=truncated,
         images=repeat(images, g),
     )
+    return (rollout, s.cache) if return_cache else rollout
 
 
 def _first_stop(tokens_NxC, rules: SamplingRules):
