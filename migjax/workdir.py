@@ -98,10 +98,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted keys that differ between two config records, outside RESUMABLE."""
+def config_changes(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted keys that differ between two config records, outside RESUMABLE. A key the old
+    record lacks (it was written before the key existed) is no change when the new record holds
+    its default from `defaults` (a config record): the old run behaved as the default says."""
     a, b = _flatten(old), _flatten(new)
+    d = _flatten(defaults or {})
     return [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")
+            and not (k not in a and k in d and b.get(k) == d[k])
             and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
 
 
@@ -114,7 +118,9 @@ def check_resume(workdir: str, record: dict) -> None:
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
     old.pop(PROVENANCE_KEY, None)
-    changed = config_changes(old, record)
+    from migjax.configs.base import get_config  # the defaults of keys added since
+
+    changed = config_changes(old, record, config_record(get_config()))
     if changed:
         a, b = _flatten(old), _flatten(record)
         diffs = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"

@@ -100,3 +100,17 @@ def test_train_refuses_a_changed_config_before_any_work(tmp_path):
     assert (tmp_path / "config.json").read_text() == before  # the run's record is kept
     assert sorted(os.listdir(tmp_path)) == [".lock", "config.json"]  # nothing else began
     wd.lock(str(tmp_path)).close()  # and the lock was released
+
+
+def test_a_key_added_since_resumes_at_its_default(tmp_path):
+    """A workdir written before a config key existed resumes when the key holds its default
+    (the old run behaved so), and is refused when it does not."""
+    c = helpers.make_config("arith_tiny", {})
+    old = wd.config_record(c)
+    del old["model"]["remat_policy"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    wd.check_resume(str(tmp_path), wd.config_record(c))
+    other = helpers.make_config("arith_tiny", {"model.remat_policy": "dots"})
+    with pytest.raises(wd.ConfigMismatchError,
+                       match=r"model.remat_policy: '<absent>' -> 'dots'"):
+        wd.check_resume(str(tmp_path), wd.config_record(other))
