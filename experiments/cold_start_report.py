@@ -97,9 +97,11 @@ def render(res: dict, name: str, command: str) -> str:
         lines.append(f"| `{k}` | {v['first']:.3f} | {v['last']:.3f} | "
                      f"{v['mean']:.3f} +- {v['se']:.3f} |")
     t = res["minutes"]
-    lines += ["", f"Wall time: raw evaluation {t['raw_eval']:.1f} min; cold start and the "
-              f"evaluation after it {t['cold_start_and_first_eval']:.1f} min; RL and the final "
-              f"evaluation {t['rl_and_last_eval']:.1f} min.", ""]
+    lines += ["", f"Wall time: raw evaluation {t['raw_eval']:.1f} min; from the start of the last "
+              f"(resumed) run to the evaluation before RL {t['cold_start_and_first_eval']:.1f} "
+              "min (the cold start included only if that run trained it; see "
+              f"run/sft_metrics.jsonl); RL and the final evaluation {t['rl_and_last_eval']:.1f} "
+              "min.", ""]
     return "\n".join(lines)
 
 

@@ -10,12 +10,14 @@ Unprompted, the model does not write the <think> / Step n: format, so MIG gives 
 A cold start on GSM8K's worked solutions in that format comes first with warmstart.steps > 0:
 
     python -m migjax.main --config=smollm2_gsm8k --workdir=runs/smol_cold \
-        --config.warmstart.steps=200 --config.rl.steps=20 --config.sampler.max_new_tokens=256
+        --config.warmstart.steps=100 --config.rl.steps=10 --config.sampler.max_new_tokens=256 \
+        --config.task.eval_limit=200 --config.eval.batch_size=16
 
-Measured (2-core CPU, shared): 40 cold-start steps took 11 min (loss 1.32 -> 0.53); the
-sampled completions then open <think> and write Step lines, but at the recipe's 96-token budget
-6 of 8 were cut before </think> (mig/no_cot_frac 0.75, reward/format 0.25), hence the larger
-budget above; greedy GSM8K pass@1 1 of 16 (docs/RESULTS.md).
+Measured (2-core CPU, shared; experiments/results/smollm2_cold_start_rl/): the cold start took
+46 min (loss 1.32 -> 0.90), RL about 70 s a step. Greedy GSM8K pass@1 on 200 test problems:
+raw 0.000 (--config.mode=eval), after the cold start 0.030, after 10 RL steps 0.030. On the RL
+batches reward/format 0.81 and mig/no_cot_frac 0.125 (means over the steps), MIG gain non-zero
+(mig/gain_sum 0.15), and no sampled answer right.
 """
 
 from migjax.configs import data_path
