@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import shutil
 import sys
+
+from experiments.report import mean_se
 
 COPIED = ("summary.json", "config.json", "metrics.jsonl", "sft_metrics.jsonl")
 BATCH_KEYS = ("reward/format", "mig/no_cot_frac", "mig/gain_sum", "mig/steps_per_completion",
@@ -34,13 +35,6 @@ def _lines(path: str) -> list[dict]:
 def _json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def pass_at_1(evals: dict) -> dict:
@@ -65,9 +59,10 @@ def collect(raw: str, run: str) -> dict:
     if not steps:
         raise ValueError(f"{run}/metrics.jsonl holds no RL step")
     first_eval = next(r for r in lines if r["step"] == 0)
-    batch = {k: dict(first=steps[0][k], last=steps[-1][k],
-                     mean=_mean_se([r[k] for r in steps])[0],
-                     se=_mean_se([r[k] for r in steps])[1]) for k in BATCH_KEYS if k in steps[0]}
+    batch = {}
+    for k in (k for k in BATCH_KEYS if k in steps[0]):
+        mean, se = mean_se(r[k] for r in steps)
+        batch[k] = dict(first=steps[0][k], last=steps[-1][k], mean=mean, se=se)
     return dict(
         pass_at_1=dict(raw=pass_at_1(raw_s["after"]), cold_start=pass_at_1(run_s["before"]),
                        rl=pass_at_1(run_s["after"])),

@@ -14,9 +14,9 @@ LOCK_FILE = ".lock"
 PROVENANCE_KEY = "provenance"  # the top-level key of config.json that is not part of the config
 PACKAGES = ("jax", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 # Fields a resumed run may change: they alter how long it runs, what it measures and what it
-# writes, not what it trains. Any other difference from the workdir's config.json is refused.
-# What a resumed run may change: lengths, evaluation, logging, checkpoint cadence and the
-# attention kernel (the same math: a run started on a CPU resumes on a GPU with cuDNN).
+# writes, and how it computes (the attention kernel: a run started on a CPU resumes on a GPU
+# with cuDNN), not what it trains. Any other difference from the workdir's config.json is
+# refused.
 RESUMABLE = ("rl.steps", "eval.*", "log.*", "checkpoint.export_hf", "checkpoint.keep",
              "checkpoint.async_save", "checkpoint.every", "warmstart.checkpoint_every",
              "model.attn_impl", "debug.*")

@@ -43,6 +43,28 @@ def _probe_blocks(probe_Q, answer_NxVxA, answer_mask_NxVxA, k1, count_closing_to
     return rep(tok), rep(valid), rep(count.astype(bool))
 
 
+def _within_blocks(valid_NxM, w: int):
+    """(offset of each token in its block [M], mask [N, M, M]): a block token sees the valid
+    tokens of its own block up to itself (and always itself)."""
+    m = valid_NxM.shape[1]
+    blk_id, blk_off = jnp.arange(m) // w, jnp.arange(m) % w
+    same = (blk_id[:, None] == blk_id[None, :]) & (blk_off[None, :] <= blk_off[:, None])
+    return blk_off, (same[None] & valid_NxM[:, None, :]) | jnp.eye(m, dtype=bool)[None]
+
+
+def _answer_means(h_pred_NxMxD, head, tok_NxM, count_NxM, shape, answer_mask_NxVxA,
+                  variant_reduce, chunk_size):
+    """l_NxK1: each block's mean log-prob of its counted tokens (predicted by `h_pred`), the
+    answer variants reduced; no gradient."""
+    n, k1, nv, w = shape
+    lp, _ = chunked_logprobs(h_pred_NxMxD, head, tok_NxM, chunk_size=chunk_size)
+    lp = jnp.where(count_NxM, lp, 0.0).reshape(n, k1, nv, w)
+    denom = jnp.sum(count_NxM.reshape(n, k1, nv, w), axis=-1)
+    l_NxK1xV = jnp.sum(lp, axis=-1) / jnp.maximum(denom, 1)
+    valid_v = jnp.any(answer_mask_NxVxA, axis=-1)
+    return jax.lax.stop_gradient(reduce_variants(l_NxK1xV, valid_v, variant_reduce))
+
+
 def probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA, answer_mask_NxVxA,
                  count_closing_tokens=False):
     """The probe blocks that read the sequence prompt + completion (S0 = P + C tokens): one block
@@ -64,10 +86,8 @@ def probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA, an
         probe_Q, answer_NxVxA, answer_mask_NxVxA, k1, count_closing_tokens))
     prompt_len = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
     cut_M = jnp.broadcast_to(cuts_NxK1[:, :, None, None], (n, k1, nv, w)).reshape(n, m)
-    blk_id, blk_off = jnp.arange(m) // w, jnp.arange(m) % w
+    blk_off, see_blk = _within_blocks(valid, w)
     see_main = (jnp.arange(s0) < (p + cut_M)[:, :, None]) & main_valid[:, None, :]
-    same = (blk_id[:, None] == blk_id[None, :]) & (blk_off[None, :] <= blk_off[:, None])
-    see_blk = (same[None] & valid[:, None, :]) | jnp.eye(m, dtype=bool)[None]
     return dict(tok=tok, pos=prompt_len[:, None] + cut_M + blk_off,
                 mask=jnp.concatenate([see_main, see_blk], axis=2), first=p + cut_M - 1,
                 is_first=blk_off == 0, count=count & valid, shape=(n, k1, nv, w))
@@ -83,7 +103,6 @@ def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC
     (image prompts) every probe sees the prompt with its image."""
     lay = probe_inputs(prompt_mask_NxP, mask_NxC, cuts_NxK1, probe_Q, answer_NxVxA,
                        answer_mask_NxVxA, count_closing_tokens)
-    n, k1, nv, w = lay["shape"]
     seq = jnp.concatenate([prompt_NxP, tokens_NxC], axis=1)
     pos, mask = causal_inputs(seq, jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1))
     embeds, pos = decoder_inputs(model, seq, pos, images)
@@ -93,13 +112,8 @@ def step_likelihoods(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC
     h_first = jnp.take_along_axis(h, lay["first"][..., None], axis=1)
     h_prev = jnp.pad(h_blk[:, :-1], ((0, 0), (1, 0), (0, 0)))
     h_pred = jnp.where(lay["is_first"][None, :, None], h_first, h_prev)
-    lp, _ = chunked_logprobs(h_pred, model.head(), lay["tok"], chunk_size=chunk_size)
-    cnt = lay["count"]
-    lp = jnp.where(cnt, lp, 0.0).reshape(n, k1, nv, w)
-    denom = jnp.sum(cnt.reshape(n, k1, nv, w), axis=-1)
-    l_NxK1xV = jnp.sum(lp, axis=-1) / jnp.maximum(denom, 1)
-    valid_v = jnp.any(answer_mask_NxVxA, axis=-1)
-    return jax.lax.stop_gradient(reduce_variants(l_NxK1xV, valid_v, variant_reduce))
+    return _answer_means(h_pred, model.head(), lay["tok"], lay["count"], lay["shape"],
+                         answer_mask_NxVxA, variant_reduce, chunk_size)
 
 
 def step_likelihoods_on_cache(model: Transformer, cache: KVCache, prompt_NxP, prompt_mask_NxP,
@@ -134,21 +148,15 @@ def step_likelihoods_on_cache(model: Transformer, cache: KVCache, prompt_NxP, pr
     valid, count = lead(jnp.asarray(True), valid), lead(jnp.asarray(False), count)
     prompt_len = jnp.sum(prompt_mask_NxP, axis=1).astype(jnp.int32)
     cut_M = jnp.broadcast_to(cuts_NxK1[:, :, None, None], (n, k1, nv, w)).reshape(n, m)
-    blk_id, blk_off = jnp.arange(m) // w, jnp.arange(m) % w
+    blk_off, see_blk = _within_blocks(valid, w)
     slot_valid = jnp.concatenate([prompt_mask_NxP, mask_NxC], axis=1).astype(bool)
     see_cache = (jnp.arange(s) < (p + cut_M - 1)[:, :, None]) & slot_valid[:, None, :]
-    same = (blk_id[:, None] == blk_id[None, :]) & (blk_off[None, :] <= blk_off[:, None])
-    see_blk = (same[None] & valid[:, None, :]) | jnp.eye(m, dtype=bool)[None]
     key_pos = positions_from_mask(jnp.concatenate([prompt_mask_NxP, jnp.ones_like(mask_NxC)], 1))
     h = model.probes_on_cache(cache, key_pos, tok, prompt_len[:, None] + cut_M - 1 + blk_off,
                               jnp.concatenate([see_cache, see_blk], axis=2))
     h_pred = jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))  # token j from the block's j - 1
-    lp, _ = chunked_logprobs(h_pred, model.head(), tok, chunk_size=chunk_size)
-    lp = jnp.where(count, lp, 0.0).reshape(n, k1, nv, w)
-    denom = jnp.sum(count.reshape(n, k1, nv, w), axis=-1)
-    l_NxK1xV = jnp.sum(lp, axis=-1) / jnp.maximum(denom, 1)
-    valid_v = jnp.any(answer_mask_NxVxA, axis=-1)
-    return jax.lax.stop_gradient(reduce_variants(l_NxK1xV, valid_v, variant_reduce))
+    return _answer_means(h_pred, model.head(), tok, count, (n, k1, nv, w), answer_mask_NxVxA,
+                         variant_reduce, chunk_size)
 
 
 def step_likelihoods_naive(model: Transformer, prompt_NxP, prompt_mask_NxP, tokens_NxC, mask_NxC,
