@@ -149,3 +149,13 @@ def test_bench_table_reads_what_bench_gpu_writes(runs, tmp_path):
     assert out.count("failed") >= 12  # the 1.5B files and rollout_b256 are missing
     mig = json.load(open(runs["mig"][1] / "mig.json"))[0]
     assert f"{100 * mig['mig_overhead_frac']:.1f}%" in out
+
+
+def test_remat_memory_prints_each_policy():
+    """scripts/remat_memory.py: one JSON object, less kept for the backward pass with remat."""
+    cmd = [sys.executable, "scripts/remat_memory.py", "--layers", "3", "--seq-len", "64"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["layers"] == 3 and res["seq_len"] == 64
+    assert 0 < res["nothing"] < res["dots"] < res["none"]
