@@ -15,11 +15,13 @@ PROVENANCE_KEY = "provenance"  # the top-level key of config.json that is not pa
 PACKAGES = ("jax", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 # Fields a resumed run may change: they alter how long it runs, what it measures and what it
 # writes, and how it computes (the attention kernel: a run started on a CPU resumes on a GPU
-# with cuDNN), not what it trains. Any other difference from the workdir's config.json is
-# refused.
+# with cuDNN; rematerialisation and the log-prob chunk, which trade memory for time: a run
+# killed for memory resumes with less), not what it trains. Any other difference from the
+# workdir's config.json is refused.
 RESUMABLE = ("rl.steps", "eval.*", "log.*", "checkpoint.export_hf", "checkpoint.keep",
              "checkpoint.async_save", "checkpoint.every", "warmstart.checkpoint_every",
-             "model.attn_impl", "debug.*")
+             "model.attn_impl", "model.remat", "model.remat_policy", "rl.score_chunk",
+             "debug.*")
 
 
 class WorkdirBusyError(RuntimeError):

@@ -159,3 +159,25 @@ def test_remat_memory_prints_each_policy():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["layers"] == 3 and res["seq_len"] == 64
     assert 0 < res["nothing"] < res["dots"] < res["none"]
+
+
+def test_remat_memory_on_a_config_file_keeps_less_with_a_smaller_chunk(tmp_path):
+    """--hf-config with the RL update's shapes: logits of a large vocabulary dominate, so a
+    smaller rl.score_chunk keeps less (compiled only; nothing of that size is allocated)."""
+    hf = dict(model_type="llama", vocab_size=262144, hidden_size=16, intermediate_size=32,
+              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+              tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    out = {}
+    for chunk in (64, 256):
+        cmd = [sys.executable, "scripts/remat_memory.py", "--hf-config",
+               str(tmp_path / "config.json"), "--batch", "8", "--seq-len", "320",
+               "--completion", "256", "--chunk", str(chunk)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[chunk] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out[chunk]["layers"] == 2 and out[chunk]["chunk"] == chunk
+    # one [8, chunk, V] float32 block is 0.5 GB at 64 and 2.1 GB at 256
+    assert out[64]["nothing"] + 1e9 < out[256]["nothing"]
+    assert out[64]["none"] + 1e9 < out[256]["none"]

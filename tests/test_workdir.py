@@ -75,7 +75,10 @@ def test_resume_under_another_config_is_refused_naming_the_keys(tmp_path):
                                                  "checkpoint.export_hf": True,
                                                  "checkpoint.every": 7,
                                                  "warmstart.checkpoint_every": 9,
-                                                 "model.attn_impl": "auto"})
+                                                 "model.attn_impl": "auto",
+                                                 "model.remat": True,
+                                                 "model.remat_policy": "dots",
+                                                 "rl.score_chunk": 64})
     wd.check_resume(str(tmp_path), wd.config_record(allowed))
     wider = helpers.make_config("arith_tiny", {"model.scratch.hidden_size": 8, "rl.steps": 5})
     with pytest.raises(wd.ConfigMismatchError,
@@ -107,10 +110,10 @@ def test_a_key_added_since_resumes_at_its_default(tmp_path):
     (the old run behaved so), and is refused when it does not."""
     c = helpers.make_config("arith_tiny", {})
     old = wd.config_record(c)
-    del old["model"]["remat_policy"]
+    del old["rl"]["mask_truncated"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     wd.check_resume(str(tmp_path), wd.config_record(c))
-    other = helpers.make_config("arith_tiny", {"model.remat_policy": "dots"})
+    other = helpers.make_config("arith_tiny", {"rl.mask_truncated": True})
     with pytest.raises(wd.ConfigMismatchError,
-                       match=r"model.remat_policy: '<absent>' -> 'dots'"):
+                       match=r"rl.mask_truncated: '<absent>' -> True"):
         wd.check_resume(str(tmp_path), wd.config_record(other))

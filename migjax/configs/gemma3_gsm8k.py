@@ -32,6 +32,12 @@ def get_config(variant: str = "mig"):
     c.task.max_answer_len = 12
     c.sampler.max_new_tokens = 256
     c.rl.steps = 20
+    # the 262k-token vocabulary: the update's log-prob gradient at 8 x 576 tokens needs 20.4 GB
+    # of XLA temporaries without remat at chunk 256, 3.1 GB with remat at chunk 64
+    # (scripts/remat_memory.py --hf-config WORKDIR/gemma3-270m/config.json --batch 8
+    # --seq-len 576 --completion 256 --chunk 64); the first left a 24 GiB machine out of memory
+    c.model.remat = True
+    c.rl.score_chunk = 64
     c.rl.batch_prompts = 2
     c.rl.group_size = 4
     c.optim.lr = 1e-6
